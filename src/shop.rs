@@ -1,0 +1,377 @@
+//! What a shop connection is: its name, platform, URL, store views, auth mode
+//! and credentials, and the validation every one of them passes before it is
+//! stored. Persisted in the `shops` tree by the registry.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use thiserror::Error;
+
+/// Magento 1.x (XML-RPC) or 2.x (REST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Magento1,
+    Magento2,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Platform::Magento1 => "magento1",
+            Platform::Magento2 => "magento2",
+        })
+    }
+}
+
+/// How Magento 2 requests are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// OAuth 1.0a, HMAC-SHA256 (the default since Magento 2.4.4).
+    #[default]
+    Oauth,
+    /// `Authorization: Bearer <access token>` (needs the shop's
+    /// `enable_integration_as_bearer`).
+    Bearer,
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMode::Oauth => "oauth",
+            AuthMode::Bearer => "bearer",
+        })
+    }
+}
+
+/// Credentials as stored. Serialized with the plain values (the state
+/// directory is 0700); everything else sees [`Credentials::redacted`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Credentials {
+    /// Magento 2 integration, OAuth 1.0a.
+    M2Oauth {
+        #[serde(with = "crate::secret::plain")]
+        consumer_key: Secret,
+        #[serde(with = "crate::secret::plain")]
+        consumer_secret: Secret,
+        #[serde(with = "crate::secret::plain")]
+        access_token: Secret,
+        #[serde(with = "crate::secret::plain")]
+        access_token_secret: Secret,
+    },
+    /// Magento 2 integration token used as a bearer token.
+    M2Bearer {
+        #[serde(with = "crate::secret::plain")]
+        access_token: Secret,
+    },
+    /// Magento 1 SOAP/XML-RPC API user.
+    M1 {
+        api_user: String,
+        #[serde(with = "crate::secret::plain")]
+        api_key: Secret,
+    },
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl Credentials {
+    /// A JSON view safe to show: secrets as `****abcd`.
+    pub fn redacted(&self) -> serde_json::Value {
+        match self {
+            Credentials::M2Oauth {
+                consumer_key,
+                consumer_secret,
+                access_token,
+                access_token_secret,
+            } => serde_json::json!({
+                "consumer_key": consumer_key.redacted(),
+                "consumer_secret": consumer_secret.redacted(),
+                "access_token": access_token.redacted(),
+                "access_token_secret": access_token_secret.redacted(),
+            }),
+            Credentials::M2Bearer { access_token } => {
+                serde_json::json!({ "access_token": access_token.redacted() })
+            }
+            Credentials::M1 { api_user, api_key } => {
+                serde_json::json!({ "api_user": api_user, "api_key": api_key.redacted() })
+            }
+        }
+    }
+
+    /// Every secret value, so tests and log scrubbing can look for them.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        match self {
+            Credentials::M2Oauth {
+                consumer_key,
+                consumer_secret,
+                access_token,
+                access_token_secret,
+            } => vec![consumer_key, consumer_secret, access_token, access_token_secret],
+            Credentials::M2Bearer { access_token } => vec![access_token],
+            Credentials::M1 { api_key, .. } => vec![api_key],
+        }
+    }
+
+    /// Parses a credentials file (TOML) for the given platform and auth mode.
+    /// Refuses unknown keys, missing or empty values, and values with leading
+    /// or trailing white space (the classic copy-paste error).
+    pub fn parse_toml(
+        text: &str,
+        platform: Platform,
+        auth: AuthMode,
+    ) -> Result<Credentials, ValidationError> {
+        const MAX: usize = 16 * 1024;
+        if text.len() > MAX {
+            return Err(ValidationError::new(
+                "credentials",
+                format!("the credentials file is {} bytes; at most {MAX} are read", text.len()),
+            ));
+        }
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ValidationError::new(
+                "credentials",
+                format!("not valid TOML: {}", e.message()),
+            )
+        })?;
+        let expected: &[&str] = match (platform, auth) {
+            (Platform::Magento1, _) => &["api_user", "api_key"],
+            (Platform::Magento2, AuthMode::Oauth) => &[
+                "consumer_key",
+                "consumer_secret",
+                "access_token",
+                "access_token_secret",
+            ],
+            (Platform::Magento2, AuthMode::Bearer) => &["access_token"],
+        };
+        for key in table.keys() {
+            if !expected.contains(&key.as_str()) {
+                return Err(ValidationError::new(
+                    key,
+                    format!(
+                        "unknown key for {platform} with --auth {auth}; expected {}",
+                        expected.join(", ")
+                    ),
+                ));
+            }
+        }
+        let get = |key: &str| -> Result<String, ValidationError> {
+            let v = table.get(key).ok_or_else(|| {
+                ValidationError::new(key, "missing: add it to the credentials file")
+            })?;
+            let s = v.as_str().ok_or_else(|| {
+                ValidationError::new(key, "must be a string: put the value in quotes")
+            })?;
+            check_value(key, s)?;
+            Ok(s.to_string())
+        };
+        Ok(match (platform, auth) {
+            (Platform::Magento1, _) => Credentials::M1 {
+                api_user: get("api_user")?,
+                api_key: Secret::new(get("api_key")?),
+            },
+            (Platform::Magento2, AuthMode::Oauth) => Credentials::M2Oauth {
+                consumer_key: Secret::new(get("consumer_key")?),
+                consumer_secret: Secret::new(get("consumer_secret")?),
+                access_token: Secret::new(get("access_token")?),
+                access_token_secret: Secret::new(get("access_token_secret")?),
+            },
+            (Platform::Magento2, AuthMode::Bearer) => Credentials::M2Bearer {
+                access_token: Secret::new(get("access_token")?),
+            },
+        })
+    }
+}
+
+/// Refuses empty values and values with leading/trailing white space.
+/// The message names the key, never the value.
+pub fn check_value(key: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(key, "is empty"));
+    }
+    if value.trim() != value {
+        return Err(ValidationError::new(
+            key,
+            "has leading or trailing white space (a classic copy-paste error): remove the extra spaces",
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ValidationError::new(key, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// A refused input: which field, and why.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct ValidationError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Checks a shop name: `[a-z0-9_-]`, 1 to 64 characters.
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(ValidationError::new(
+            "name",
+            "must be 1 to 64 characters of a-z, 0-9, '_' and '-'",
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(ValidationError::new(
+            "name",
+            format!("character {c:?} is not allowed: use only a-z, 0-9, '_' and '-'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a shop URL: http or https, with a host, no query or fragment, no
+/// user info (credentials belong in the credentials file). Returns it
+/// without a trailing slash.
+pub fn validate_url(raw: &str) -> Result<String, ValidationError> {
+    check_value("url", raw)?;
+    let url = url::Url::parse(raw)
+        .map_err(|e| ValidationError::new("url", format!("not a valid URL ({e})")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(ValidationError::new(
+            "url",
+            format!("scheme {:?} is not supported: use https:// (or http://)", url.scheme()),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ValidationError::new("url", "has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ValidationError::new(
+            "url",
+            "must not contain a user or password: put credentials in the credentials file",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ValidationError::new("url", "must not have a query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// Checks a store code: Magento's codes are `[a-z0-9_]`, starting with a letter.
+pub fn validate_store_code(code: &str) -> Result<(), ValidationError> {
+    let ok = !code.is_empty()
+        && code.len() <= 32
+        && code.starts_with(|c: char| c.is_ascii_lowercase())
+        && code
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok && code != "all" {
+        Ok(())
+    } else if code == "all" {
+        Err(ValidationError::new(
+            "store_code",
+            "'all' is the admin scope and Magento refuses GET there: use a store view code such as 'default'",
+        ))
+    } else {
+        Err(ValidationError::new(
+            "store_code",
+            format!("{code:?} is not a store code (a-z, 0-9, '_', starting with a letter)"),
+        ))
+    }
+}
+
+/// A registered shop, as kept in the `shops` tree.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShopRecord {
+    pub name: String,
+    pub platform: Platform,
+    /// Base URL without trailing slash, e.g. `https://shop.example.com`.
+    pub url: String,
+    /// Store views to mirror (Magento 2 codes; Magento 1 store codes). Never
+    /// empty: `["default"]` unless the operator says otherwise.
+    pub store_codes: Vec<String>,
+    pub auth: AuthMode,
+    pub credentials: Credentials,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl fmt::Debug for ShopRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShopRecord")
+            .field("name", &self.name)
+            .field("platform", &self.platform)
+            .field("url", &self.url)
+            .field("store_codes", &self.store_codes)
+            .field("auth", &self.auth)
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+impl ShopRecord {
+    /// The registry view: everything, secrets redacted.
+    pub fn public_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "platform": self.platform,
+            "url": self.url,
+            "store_codes": self.store_codes,
+            "auth": self.auth,
+            "credentials": self.credentials.redacted(),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("acme-shop_2").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("Acme").is_err());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert!(validate_name("a/b").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(validate_url("https://x.example/").unwrap(), "https://x.example");
+        assert_eq!(validate_url("http://127.0.0.1:8080/shop/").unwrap(), "http://127.0.0.1:8080/shop");
+        assert!(validate_url("ftp://x").is_err());
+        assert!(validate_url("https://u:p@x").is_err());
+        assert!(validate_url(" https://x").is_err());
+    }
+
+    #[test]
+    fn credentials_refuse_spaces_and_never_echo_values() {
+        let text = "api_user = \"cobby\"\napi_key = \"s3cr3tvalue123 \"\n";
+        let err = Credentials::parse_toml(text, Platform::Magento1, AuthMode::Oauth).unwrap_err();
+        assert_eq!(err.field, "api_key");
+        assert!(err.to_string().contains("white space"));
+        assert!(!err.to_string().contains("s3cr3t"));
+        let ok = Credentials::parse_toml("access_token = \"abcdefghijklmnop\"", Platform::Magento2, AuthMode::Bearer).unwrap();
+        assert_eq!(format!("{ok:?}"), r#"{"access_token":"****mnop"}"#);
+        assert!(Credentials::parse_toml("access_token = \"a\"\nx = \"y\"", Platform::Magento2, AuthMode::Bearer).is_err());
+    }
+}
