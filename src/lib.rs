@@ -2,6 +2,8 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and how data flows.
 
+pub mod config;
 pub mod magento;
 pub mod secret;
 pub mod shop;
+pub mod store;
