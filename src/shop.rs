@@ -139,6 +139,16 @@ impl Credentials {
                 format!("not valid TOML: {}", e.message()),
             )
         })?;
+        Self::from_table(&table, platform, auth)
+    }
+
+    /// Builds credentials from key/value pairs (a parsed TOML file, or the
+    /// JSON object the control socket receives), with the same checks.
+    pub fn from_table(
+        table: &toml::Table,
+        platform: Platform,
+        auth: AuthMode,
+    ) -> Result<Credentials, ValidationError> {
         let expected: &[&str] = match (platform, auth) {
             (Platform::Magento1, _) => &["api_user", "api_key"],
             (Platform::Magento2, AuthMode::Oauth) => &[

@@ -216,6 +216,11 @@ impl Store {
         Ok(())
     }
 
+    /// A new id, unique for the life of the database (run ids).
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.generate_id()?)
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
