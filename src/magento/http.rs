@@ -313,7 +313,6 @@ pub(crate) mod testserver {
 
     /// A request as received.
     #[derive(Debug, Clone)]
-    #[allow(dead_code)] // every field is read by one client's tests or another
     pub struct Req {
         pub method: String,
         /// Path and query as sent.
