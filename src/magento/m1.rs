@@ -121,8 +121,9 @@ impl M1Client {
     /// The endpoint URL, once a request has shown which one the shop routes.
     pub fn endpoint(&self) -> Option<String> {
         match self.inner.endpoint.load(Ordering::Relaxed) {
-            0 => None,
-            i => Some(format!("{}/{}", self.inner.base, ENDPOINTS[i - 1])),
+            // Only 1 and 2 are ever stored.
+            i @ (1 | 2) => Some(format!("{}/{}", self.inner.base, ENDPOINTS[i - 1])),
+            _ => None,
         }
     }
 
@@ -325,6 +326,14 @@ impl M1Client {
                 || (is_2xx && matches!(decoded, Err(XmlRpcError::NotXmlRpc { .. })));
             if decoded.is_ok() {
                 self.inner.endpoint.store(p, Ordering::Relaxed);
+            } else if not_here && cached != 0 {
+                // The shop's routing changed: discover again next time.
+                let _ = self.inner.endpoint.compare_exchange(
+                    cached,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
             }
             let result = classify(&a, decoded);
             if not_here && cached == 0 {

@@ -196,8 +196,9 @@ impl M2Client {
     /// which one the shop routes.
     pub fn api_base(&self) -> Option<String> {
         match self.inner.prefix.load(Ordering::Relaxed) {
-            0 => None,
-            i => Some(format!("{}/{}", self.inner.base, PREFIXES[i - 1])),
+            // Only 1 and 2 are ever stored.
+            i @ (1 | 2) => Some(format!("{}/{}", self.inner.base, PREFIXES[i - 1])),
+            _ => None,
         }
     }
 
@@ -257,6 +258,15 @@ impl M2Client {
             let not_here = a.status == 404 || (is_2xx && shape != Shape::Json);
             if shape == Shape::Json && a.status != 404 {
                 self.inner.prefix.store(p, Ordering::Relaxed);
+            } else if not_here && cached != 0 {
+                // The shop's routing changed (rewrites switched on or off):
+                // discover again on the next request.
+                let _ = self.inner.prefix.compare_exchange(
+                    cached,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
             }
             let result = classify(&a);
             if not_here && cached == 0 {
@@ -831,6 +841,32 @@ mod tests {
             c.api_base().unwrap(),
             format!("http://{addr}/index.php/rest")
         );
+    }
+
+    #[tokio::test]
+    async fn rediscovers_the_prefix_when_routing_changes() {
+        let (addr, log) = testserver::serve(|req, n| {
+            // First answer from /rest/; from then on only index.php routes.
+            if n == 0 || req.target.starts_with("/index.php/") {
+                json("200 OK", r#"{"items":[],"total_count":0}"#)
+            } else {
+                html("404 Not Found")
+            }
+        })
+        .await;
+        let c = client(addr);
+        let q = ProductQuery::default();
+        c.list_products("default", &q).await.unwrap();
+        assert_eq!(c.api_base().unwrap(), format!("http://{addr}/rest"));
+        let e = c.list_products("default", &q).await.unwrap_err();
+        assert_eq!(e.status, Some(404));
+        assert_eq!(c.api_base(), None);
+        c.list_products("default", &q).await.unwrap();
+        assert_eq!(
+            c.api_base().unwrap(),
+            format!("http://{addr}/index.php/rest")
+        );
+        assert_eq!(log.lock().unwrap().len(), 4);
     }
 
     #[tokio::test]
