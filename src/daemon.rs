@@ -168,7 +168,6 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
     let store = match tokio::task::spawn_blocking(move || Store::open(&state_dir, cache_mb)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::error!("cannot open the state: {e}");
             eprintln!("cobbyd: {e}");
             return 1;
         }
@@ -223,7 +222,6 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
     let listener = match server::bind(&cfg.daemon.socket, &cfg.daemon.socket_group) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("cobbyd: {e}");
             return 1;
         }

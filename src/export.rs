@@ -121,6 +121,13 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
     (fixed, custom)
 }
 
+/// RFC 4180: CRLF line ends, quotes doubled, fields quoted when needed.
+fn csv_writer(buf: Vec<u8>) -> csv::Writer<Vec<u8>> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(buf)
+}
+
 fn write_csv(
     tree: &sled::Tree,
     tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
@@ -138,9 +145,7 @@ fn write_csv(
         }
     }
     let codes: Vec<String> = codes.into_iter().collect();
-    let mut w = csv::WriterBuilder::new()
-        .terminator(csv::Terminator::CRLF)
-        .from_writer(Vec::with_capacity(CHUNK + 4096));
+    let mut w = csv_writer(Vec::with_capacity(CHUNK + 4096));
     let header: Vec<&str> = CSV_FIXED.iter().copied().chain(codes.iter().map(String::as_str)).collect();
     w.write_record(&header).map_err(|e| e.to_string())?;
     let mut row: Vec<String> = Vec::with_capacity(header.len());
@@ -162,15 +167,14 @@ fn write_csv(
         }
         w.write_record(&row).map_err(|e| e.to_string())?;
         if w.get_ref().len() >= CHUNK {
-            w.flush().map_err(|e| e.to_string())?;
-            let mut buf = std::mem::take(w.get_mut());
+            let mut buf = w.into_inner().map_err(|e| e.to_string())?;
             if !send(tx, &mut buf) {
                 return Ok(());
             }
+            w = csv_writer(buf);
         }
     }
-    w.flush().map_err(|e| e.to_string())?;
-    let mut buf = std::mem::take(w.get_mut());
+    let mut buf = w.into_inner().map_err(|e| e.to_string())?;
     if !buf.is_empty() {
         send(tx, &mut buf);
     }

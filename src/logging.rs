@@ -67,6 +67,7 @@ pub fn init_daemon(level: &str) -> LogHandle {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_target(false)
                     .boxed(),
             )

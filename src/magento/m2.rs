@@ -84,6 +84,14 @@ pub struct ProductQuery {
     pub current_page: u32,
     /// Magento's `fields` filter, e.g. `items[id,sku,updated_at],total_count`.
     pub fields: Option<String>,
+    /// Keyset paging after the checkpoint (T, I): `updated_at` ≥ T AND
+    /// (`updated_at` > T OR `entity_id` > I). Two filter groups (AND), the
+    /// second with two filters (OR), as Magento's searchCriteria reads them.
+    pub after: Option<(String, i64)>,
+    /// Listing by id: `entity_id` > this, sorted by `entity_id` only.
+    pub id_after: Option<i64>,
+    /// Only these entity ids (`in`); sorted by `entity_id`.
+    pub ids: Vec<i64>,
 }
 
 impl Default for ProductQuery {
@@ -93,6 +101,9 @@ impl Default for ProductQuery {
             page_size: 200,
             current_page: 1,
             fields: None,
+            after: None,
+            id_after: None,
+            ids: Vec::new(),
         }
     }
 }
@@ -358,17 +369,41 @@ fn pair(k: &str, v: &str) -> (String, String) {
 /// The listing's query, in a fixed order; indexes stay below 10 so natural
 /// and byte order agree anyway.
 fn product_query(q: &ProductQuery) -> Vec<(String, String)> {
-    let mut v = Vec::with_capacity(10);
+    let mut v = Vec::with_capacity(16);
+    let mut group = 0;
+    let filter = |v: &mut Vec<(String, String)>, g: usize, i: usize, field: &str, value: &str, cond: &str| {
+        let f = format!("searchCriteria[filter_groups][{g}][filters][{i}]");
+        v.push(pair(&format!("{f}[field]"), field));
+        v.push(pair(&format!("{f}[value]"), value));
+        v.push(pair(&format!("{f}[condition_type]"), cond));
+    };
     if let Some(since) = &q.updated_since {
-        let f = "searchCriteria[filter_groups][0][filters][0]";
-        v.push(pair(&format!("{f}[field]"), "updated_at"));
-        v.push(pair(&format!("{f}[value]"), since));
-        v.push(pair(&format!("{f}[condition_type]"), "gteq"));
+        filter(&mut v, group, 0, "updated_at", since, "gteq");
+        group += 1;
     }
-    v.push(pair("searchCriteria[sortOrders][0][field]", "updated_at"));
-    v.push(pair("searchCriteria[sortOrders][0][direction]", "ASC"));
-    v.push(pair("searchCriteria[sortOrders][1][field]", "entity_id"));
-    v.push(pair("searchCriteria[sortOrders][1][direction]", "ASC"));
+    if let Some((t, id)) = &q.after {
+        filter(&mut v, group, 0, "updated_at", t, "gteq");
+        filter(&mut v, group + 1, 0, "updated_at", t, "gt");
+        filter(&mut v, group + 1, 1, "entity_id", &id.to_string(), "gt");
+        group += 2;
+    }
+    if let Some(id) = q.id_after {
+        filter(&mut v, group, 0, "entity_id", &id.to_string(), "gt");
+        group += 1;
+    }
+    if !q.ids.is_empty() {
+        let list: Vec<String> = q.ids.iter().map(i64::to_string).collect();
+        filter(&mut v, group, 0, "entity_id", &list.join(","), "in");
+    }
+    if q.id_after.is_some() || !q.ids.is_empty() {
+        v.push(pair("searchCriteria[sortOrders][0][field]", "entity_id"));
+        v.push(pair("searchCriteria[sortOrders][0][direction]", "ASC"));
+    } else {
+        v.push(pair("searchCriteria[sortOrders][0][field]", "updated_at"));
+        v.push(pair("searchCriteria[sortOrders][0][direction]", "ASC"));
+        v.push(pair("searchCriteria[sortOrders][1][field]", "entity_id"));
+        v.push(pair("searchCriteria[sortOrders][1][direction]", "ASC"));
+    }
     v.push(pair(
         "searchCriteria[pageSize]",
         &q.page_size.max(1).to_string(),
@@ -745,7 +780,7 @@ mod tests {
             updated_since: Some("2024-01-01 10:00:00".into()),
             page_size: 2,
             current_page: 3,
-            fields: None,
+            ..ProductQuery::default()
         };
         let page = c.list_products("default", &q).await.unwrap();
         assert_eq!(page.total_count, 12);

@@ -89,8 +89,8 @@ async fn fetch(
     let concurrency = ctx.cfg.sync.shop_concurrency;
     let ctx_ref: &RunCtx<'_> = ctx;
     let results: Vec<Result<Vec<(i64, Result<Value, crate::magento::xmlrpc::Fault>)>, SyncError>> =
-        futures_util::stream::iter(ids.chunks(batch))
-            .map(|chunk| async move {
+        futures_util::stream::iter(ids.chunks(batch).map(<[i64]>::to_vec).collect::<Vec<_>>())
+            .map(|chunk: Vec<i64>| {
                 let calls: Vec<(String, Vec<Value>)> = chunk
                     .iter()
                     .map(|id| {
@@ -100,10 +100,12 @@ async fn fetch(
                         )
                     })
                     .collect();
-                let answers = ctx_ref
-                    .request("product details", || client.multi_call(calls.clone()))
-                    .await?;
-                Ok(chunk.iter().copied().zip(answers).collect())
+                async move {
+                    let answers = ctx_ref
+                        .request("product details", || client.multi_call(calls.clone()))
+                        .await?;
+                    Ok(chunk.into_iter().zip(answers).collect())
+                }
             })
             .buffered(concurrency)
             .collect()
@@ -204,7 +206,7 @@ async fn walk_ranges(
                 seen.insert(i.sku.as_bytes(), &[]).map_err(StoreError::from)?;
             }
         }
-        let deletes = skus_of_if(mirror, &gone)?;
+        let deletes = skus_of(mirror, &gone)?;
         let max_seen = newest(&items, run_field(cursor, |r| r.max_seen.clone()).flatten().as_deref());
         set(cursor, |r| {
             r.position = end + 1;
@@ -219,10 +221,6 @@ async fn walk_ranges(
             ctx.update(|p| p.pages += 1);
         }
     }
-}
-
-fn skus_of_if(mirror: &Mirror, gone: &[i64]) -> Result<Vec<String>, StoreError> {
-    skus_of(mirror, gone)
 }
 
 async fn changed_since(
@@ -250,7 +248,7 @@ async fn changed_since(
     for chunk in ids.chunks(step) {
         ctx.check()?;
         let (items, gone) = fetch(ctx, client, code, chunk).await?;
-        let deletes = skus_of_if(mirror, &gone)?;
+        let deletes = skus_of(mirror, &gone)?;
         let max_seen = newest(&items, run_field(cursor, |r| r.max_seen.clone()).flatten().as_deref());
         let last = chunk.last().copied().unwrap_or(done_up_to);
         set(cursor, |r| {

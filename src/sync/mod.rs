@@ -98,7 +98,7 @@ pub struct RunRecord {
 /// Per-shop sync state.
 struct ShopSync {
     /// Held while a run of this shop is active: never two at once.
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
     progress: Mutex<Option<Progress>>,
     queued: AtomicUsize,
     cancel: watch::Sender<bool>,
@@ -144,7 +144,7 @@ impl SyncManager {
             .entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(ShopSync {
-                    lock: tokio::sync::Mutex::new(()),
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
                     progress: Mutex::new(None),
                     queued: AtomicUsize::new(0),
                     cancel: watch::channel(false).0,
@@ -260,12 +260,15 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
     let shop = d.syncs.shop(&rec.name);
     shop.queued.fetch_add(1, Ordering::Relaxed);
     let mut stop_wait = stop.clone();
+    let lock = shop.lock.clone();
+    let permits = d.syncs.permits.clone();
+    let acquire = async move {
+        let g = lock.lock_owned().await;
+        let p = permits.acquire_owned().await;
+        (g, p)
+    };
     let acquired = tokio::select! {
-        g = async {
-            let g = shop.lock.lock().await;
-            let p = d.syncs.permits.clone().acquire_owned().await;
-            (g, p)
-        } => Some(g),
+        g = acquire => Some(g),
         _ = stop_wait.wait_for(|s| *s) => None,
     };
     shop.queued.fetch_sub(1, Ordering::Relaxed);
