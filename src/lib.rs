@@ -5,3 +5,4 @@
 pub mod magento;
 pub mod secret;
 pub mod shop;
+pub mod sim;
