@@ -49,6 +49,9 @@ pub enum Command {
     /// Start a simulated shop and a daemon in a temporary directory, add the
     /// shop, sync it and show the result.
     Demo(DemoArgs),
+    /// Run the built-in Magento 1 and 2 simulator (for tests, demos and
+    /// benchmarks).
+    Simulate(crate::sim::SimulateArgs),
     /// Print the man page (roff) to stdout.
     #[command(hide = true)]
     Manpage,

@@ -23,5 +23,6 @@ pub mod scheduler;
 pub mod secret;
 pub mod server;
 pub mod shop;
+pub mod sim;
 pub mod store;
 pub mod sync;

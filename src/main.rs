@@ -43,6 +43,16 @@ fn dispatch(cli: Cli) -> u8 {
             0
         }
         Command::Demo(args) => cobbyd::demo::run(args),
+        Command::Simulate(args) => {
+            cobbyd::logging::init_client();
+            match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(args))) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("cobbyd simulate: {e:#}");
+                    1
+                }
+            }
+        }
         command => client_command(cli.config, cli.socket, command),
     }
 }
