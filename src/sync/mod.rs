@@ -431,7 +431,8 @@ async fn run(
     }
     let run_id = match resumed_id {
         Some(id) => id,
-        None => d.store.generate_id()?,
+        // Ids start at 1: 0 means "no run" to clients.
+        None => d.store.generate_id()? + 1,
     };
     let started_at = rfc3339(chrono::Utc::now());
     let started = Instant::now();
