@@ -13,8 +13,12 @@ pub enum Fault {
     /// Behave.
     #[default]
     None,
-    /// The shop listener stops accepting: connections are refused, open ones
-    /// are dropped. The control listener still answers.
+    /// The shop listener stops accepting: new connections are refused, and
+    /// open ones are shut down before `set_fault` returns. As with a real web
+    /// server that stops, a client reusing a pooled keep-alive connection
+    /// sees that one request fail with "connection closed before message
+    /// completed"; its next connection is refused. The control listener
+    /// still answers.
     Down,
     /// 503 with an HTML maintenance page on every shop route, XML-RPC
     /// included.
