@@ -140,6 +140,8 @@ async fn m2_oauth_paging_and_errors() {
     assert!(v["extension_attributes"]["stock_item"].is_object());
 
     // fields projection.
+    let (_, _, v) = signed(&sim, &format!("{path}?fields=sku,updated_at"), None).await;
+    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
     let query = q(&[("searchCriteria[pageSize]", "1"), ("fields", "total_count")]);
     let (_, _, v) = signed(&sim, &format!("/rest/V1/products?{query}"), None).await;
     assert_eq!(v, json!({"total_count": 700}));
@@ -321,6 +323,11 @@ async fn faults_and_control_api() {
         "a truncated body must fail to read"
     );
 
+    sim.set_fault(Fault::Slow(Duration::from_millis(120)));
+    let t = std::time::Instant::now();
+    let (status, _, _) = send(get()).await;
+    assert!(status == 200 && t.elapsed() >= Duration::from_millis(120));
+
     sim.set_fault(Fault::Flaky { every: 2 });
     let (a, _, _) = send(get()).await;
     let (b, _, v) = send(get()).await;
@@ -353,7 +360,7 @@ async fn faults_and_control_api() {
     assert_eq!(sim.product_count(), 52);
 
     let (_, _, v) = send(client().get(format!("{}/counters", sim.control_url()))).await;
-    assert!(v["faults_injected"].as_u64().unwrap() >= 6, "{v}");
+    assert!(v["faults_injected"].as_u64().unwrap() >= 7, "{v}");
     assert!(v["requests"].as_u64().unwrap() >= 8);
     sim.shutdown().await;
 }
@@ -583,5 +590,79 @@ async fn index_php_only_and_legacy_paging() {
     assert_eq!(last["items"].as_array().unwrap().len(), 10);
     let (_, _, again) = send(get("/index.php/rest", 3)).await;
     assert_eq!(again["items"], last["items"], "2.3: the last page again");
+    sim.shutdown().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Throughput of full 200-item pages from a 1,000,000-product catalog.
+/// Run on demand: `cargo test --release --test sim_smoke -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_1m() {
+    let before = rss_kib();
+    let t = std::time::Instant::now();
+    let sim = SimHandle::start(SimConfig {
+        products: 1_000_000,
+        bearer_enabled: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    println!(
+        "generated 1M products in {:?}, RSS +{} MiB",
+        t.elapsed(),
+        (rss_kib() - before) / 1024
+    );
+    let token = sim.credentials().access_token.clone();
+    let c = client();
+    let pages = 250u32; // 50,000 products
+    let conc = 2u32;
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let c = c.clone();
+        let url = sim.url();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut bytes = 0usize;
+            let mut page = 1 + w;
+            while page <= pages {
+                let r = c
+                    .get(format!(
+                        "{url}/rest/V1/products?searchCriteria[sortOrders][0][field]=updated_at&searchCriteria[sortOrders][0][direction]=ASC&searchCriteria[sortOrders][1][field]=entity_id&searchCriteria[sortOrders][1][direction]=ASC&searchCriteria[pageSize]=200&searchCriteria[currentPage]={}",
+                        page + 2000
+                    ))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                bytes += r.bytes().await.unwrap().len();
+                page += conc;
+            }
+            bytes
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{} products in {:.2}s: {:.0} products/s, {:.1} MiB/s (client and server share 2 workers)",
+        pages * 200,
+        secs,
+        f64::from(pages * 200) / secs,
+        bytes as f64 / secs / 1048576.0
+    );
+    println!("RSS now {} MiB", rss_kib() / 1024);
     sim.shutdown().await;
 }

@@ -840,9 +840,21 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
         Route::Products => list_products(inner, req.uri().query().unwrap_or(""), lang).await,
         Route::Product(sku) => {
             let found = read(&inner.catalog).find_sku(&sku);
-            match found {
-                Some(r) => json(200, &Item::new(inner.cfg.seed, &r, lang, true)),
-                None => product_missing(),
+            let Some(r) = found else {
+                return product_missing();
+            };
+            let item = Item::new(inner.cfg.seed, &r, lang, true);
+            let fields = Node::parse_query(req.uri().query().unwrap_or(""))
+                .get("fields")
+                .and_then(Node::leaf)
+                .filter(|f| !f.trim().is_empty())
+                .map(parse_fields);
+            match fields {
+                None => json(200, &item),
+                Some(f) => match serde_json::to_value(&item) {
+                    Ok(v) => json(200, &project(v, &f)),
+                    Err(_) => error(500, "Internal Error.", None),
+                },
             }
         }
         Route::PutProduct(sku) => put_product(inner, req, &sku, lang).await,

@@ -659,3 +659,45 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = SimCredentials::default();
+        let paths = write_credentials(dir.path(), &creds).unwrap();
+        assert_eq!(paths.len(), 3);
+        for p in &paths {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+        }
+        let m2: toml::Table = std::fs::read_to_string(&paths[0]).unwrap().parse().unwrap();
+        assert_eq!(
+            m2["consumer_secret"].as_str(),
+            Some(creds.consumer_secret.as_str())
+        );
+        assert_eq!(m2.len(), 4);
+        let bearer: toml::Table = creds.m2_bearer_toml().parse().unwrap();
+        assert_eq!(
+            bearer["access_token"].as_str(),
+            Some(creds.access_token.as_str())
+        );
+        let m1: toml::Table = creds.m1_toml().parse().unwrap();
+        assert_eq!(m1["api_key"].as_str(), Some(creds.api_key.as_str()));
+        for v in [
+            &creds.consumer_key,
+            &creds.consumer_secret,
+            &creds.access_token,
+            &creds.access_token_secret,
+            &creds.api_key,
+        ] {
+            assert_eq!(v.len(), 32);
+        }
+        let dbg = format!("{creds:?}");
+        assert!(!dbg.contains(&creds.consumer_secret) && !dbg.contains(&creds.api_key));
+    }
+}
