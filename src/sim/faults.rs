@@ -134,7 +134,8 @@ pub fn internal_error(xmlrpc: bool, report: u64) -> Resp {
     } else {
         let body = serde_json::json!({
             "message": format!(
-                "Internal Error. Details are available in Magento log file. Report ID: webapi-{report:013x}"
+                "Internal Error. Details are available in Magento log file. Report ID: webapi-{:013x}",
+                report & 0xF_FFFF_FFFF_FFFF
             )
         });
         json_bytes(500, body.to_string().into_bytes())

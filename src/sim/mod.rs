@@ -482,7 +482,9 @@ impl SimHandle {
     }
 
     /// Every product exactly as `GET /V1/products` returns the item in this
-    /// store view (full, no `fields`), sorted by SKU.
+    /// store view (full, no `fields`), sorted by SKU. Builds every item in
+    /// memory (about 3 KiB each): for very large catalogs use
+    /// [`SimHandle::m2_item`] with [`SimHandle::skus`].
     pub fn m2_items(&self, store_code: &str) -> Vec<serde_json::Value> {
         let (seed, rows) = self.all_rows();
         let lang = catalog::Lang::for_store(store_code);
@@ -516,6 +518,33 @@ impl SimHandle {
             .collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         items.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// One product as `GET /V1/products` lists it (no stock item), by SKU
+    /// (case-insensitive); for catalogs too big for [`SimHandle::m2_items`].
+    pub fn m2_item(&self, sku: &str, store_code: &str) -> Option<serde_json::Value> {
+        let row = read(&self.inner.catalog).find_sku(sku)?;
+        let item = m2::Item::new(
+            self.inner.cfg.seed,
+            &row,
+            catalog::Lang::for_store(store_code),
+            false,
+        );
+        serde_json::to_value(&item).ok()
+    }
+
+    /// One product as `catalog_product.info` returns it, by SKU.
+    pub fn m1_item(&self, sku: &str, store_code: &str) -> Option<serde_json::Value> {
+        let row = read(&self.inner.catalog).find_sku(sku)?;
+        Some(
+            m1::info_value(
+                self.inner.cfg.seed,
+                &row,
+                catalog::Lang::for_store(store_code),
+                None,
+            )
+            .to_json(),
+        )
     }
 
     fn all_rows(&self) -> (u64, Vec<catalog::Row>) {
