@@ -127,7 +127,10 @@ async fn m2_oauth_paging_and_errors() {
         .find(|i| i["sku"] == sku.as_str())
         .unwrap();
     assert_eq!(v["items"], json!([want]));
-    assert_eq!(sim.m2_item(&sku.to_ascii_uppercase(), "default"), Some(want));
+    assert_eq!(
+        sim.m2_item(&sku.to_ascii_uppercase(), "default"),
+        Some(want)
+    );
 
     // An awkward SKU by path, '+' sent as %2B.
     let awkward = expected
