@@ -1392,7 +1392,7 @@ mod tests {
         let a = run(vec![vec![Filter::new(
             Field::UpdatedAt,
             Op::Lteq,
-            &[t.clone()],
+            std::slice::from_ref(&t),
         )]]);
         let b = run(vec![vec![Filter::new(Field::UpdatedAt, Op::Gt, &[t])]]);
         assert_eq!(a.len() + b.len(), 2000);
