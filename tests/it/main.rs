@@ -5,3 +5,5 @@
 mod harness;
 
 mod daemon;
+mod sync;
+mod sync_util;
