@@ -278,8 +278,9 @@ async fn probe_candidate(d: &Daemon, rec: &ShopRecord) -> crate::probe::Outcome 
     let cfg = d.config();
     let client = ShopClient::new(rec, &client_options(&cfg))?;
     let started = Instant::now();
-    let info = client.probe(rec, cfg.probe.timeout).await?;
-    Ok((info, started.elapsed()))
+    let result = client.probe(rec, cfg.probe.timeout).await;
+    d.metrics.observe_probe(&rec.name, started.elapsed(), result.is_ok());
+    Ok((result?, started.elapsed()))
 }
 
 async fn add_shop(State(d): D, req: Request) -> ApiResult {
