@@ -352,7 +352,7 @@ async fn remove_shop(State(d): D, Path(name): Path<String>, Query(q): Query<Remo
         return Err(ApiError::no_shop(&name));
     }
     d.registry.remove(&name)?;
-    d.syncs.cancel(&name);
+    d.syncs.cancel(&name, d.config().daemon.shutdown_timeout).await;
     let jobs = d.queue.remove_shop(&name)?;
     d.health.remove(&name)?;
     crate::sync::forget_shop(&d.store, &name, q.purge)?;

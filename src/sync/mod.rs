@@ -153,10 +153,16 @@ impl SyncManager {
             .clone()
     }
 
-    /// Stops a shop's running sync at its next page (shop removed).
-    pub fn cancel(&self, name: &str) {
-        if let Some(s) = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+    /// Stops a shop's running sync at its next page (shop removed) and
+    /// waits (bounded) until it has, so nothing writes to the shop's trees
+    /// once this returns.
+    pub async fn cancel(&self, name: &str, wait: Duration) {
+        let shop = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(s) = shop {
             s.cancel.send_replace(true);
+            if tokio::time::timeout(wait, s.lock.clone().lock_owned()).await.is_err() {
+                tracing::warn!(shop = name, "the running sync did not stop in time");
+            }
         }
     }
 
