@@ -4,6 +4,8 @@
 
 use crate::harness::*;
 use crate::sync_util::*;
+use cobbyd::sim::Fault;
+use std::time::Duration;
 
 #[test]
 fn m2_full_sync_mirrors_two_store_views() {
@@ -293,4 +295,77 @@ fn m2_products_sharing_a_second_across_pages() {
 #[test]
 fn m1_products_sharing_a_second() {
     shared_second(P::M1);
+}
+
+/// A fault that starts in the middle of a sync fails the run cleanly: the
+/// daemon stays up, status says why, the mirror holds whole products only,
+/// and the next sync (fault gone) completes the mirror.
+fn fault_mid_sync(p: P, fault: Fault, kinds: &[&str]) {
+    let sim = Sim::start(3_000);
+    let d = daemon(
+        "page_size = 50\nm1_batch_size = 20\nshop_concurrency = 1\nrequest_timeout = \"5s\"\n",
+    );
+    add(&d, &sim, "shop", p, &[]);
+    let old = p.items(&sim, "default");
+    sim.touch(2_000);
+    let new = p.items(&sim, "default");
+    sim.set_fault(Fault::Slow(Duration::from_millis(30)));
+    let before = start_sync(&d, "shop", false);
+    d.wait_shop("shop", "sync half way", |s| {
+        s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 300
+    });
+    sim.set_fault(fault.clone());
+    let s = wait_idle_after(&d, "shop", before);
+    let last = &s["sync"]["last_run"];
+    assert_eq!(
+        last["outcome"],
+        "failed",
+        "{fault:?}: {s:#}\nlog tail:\n{}",
+        tail(&d, 40)
+    );
+    let kind = last["error"]["kind"].as_str().unwrap_or_default();
+    assert!(
+        kinds.contains(&kind),
+        "{fault:?}: error kind {kind:?}, expected one of {kinds:?}: {s:#}"
+    );
+    assert!(
+        !last["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{s:#}"
+    );
+    assert_eq!(s["sync"]["last_error"]["kind"], kind, "{s:#}");
+    assert_eq!(
+        d.http("GET", "/health", None).0,
+        200,
+        "the daemon went away:\n{}",
+        tail(&d, 40)
+    );
+    assert!(sim.counters().faults_injected > 0);
+    // Whole products only, and the pages stored before the fault are kept.
+    let got = export(&d, "shop", None);
+    assert_eq!(got.len(), 3_000);
+    let fresh = assert_old_or_new(&format!("{fault:?}"), &got, &old, &new);
+    assert!(
+        fresh >= 300 && fresh < 2_000,
+        "{fresh} products new after a run that failed half way"
+    );
+    assert_eq!(s["sync"]["stores"]["default"]["resumable"], true, "{s:#}");
+    // The text status tells the reason too.
+    let text = stdout(&d.cli(&["status"]));
+    assert!(text.contains("failed"), "{text}");
+    sim.set_fault(Fault::None);
+    let r = sync_wait(&d, "shop", false);
+    assert_eq!(r["resumed"], true, "{r:#}");
+    assert_same(
+        &format!("after {fault:?} cleared"),
+        &export(&d, "shop", None),
+        &new,
+    );
+}
+
+#[test]
+fn m2_truncated_answers_mid_sync_fail_cleanly_and_resume() {
+    fault_mid_sync(P::M2, Fault::Truncated, &["protocol", "connect"]);
 }

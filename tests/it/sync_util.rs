@@ -9,10 +9,27 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// The last `n` lines of the daemon's log, for failure messages.
+/// Storage and connection-pool chatter, left out of failure messages.
+const NOISE: [&str; 9] = [
+    "mark_interval",
+    "wrote lsns",
+    "advancing offset",
+    "make_stable",
+    "new highest interval",
+    "idle connection",
+    "starting new connection",
+    "connecting to",
+    "connected to",
+];
+
+/// The last `n` lines of the daemon's log (storage chatter left out), for
+/// failure messages.
 pub fn tail(d: &Daemon, n: usize) -> String {
     let log = d.log();
-    let lines: Vec<&str> = log.lines().collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !NOISE.iter().any(|x| l.contains(x)))
+        .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -105,7 +122,7 @@ pub fn sync_wait(d: &Daemon, name: &str, full: bool) -> Value {
     if full {
         args.push("--full");
     }
-    let out = d.cli(&args);
+    let out = cli_bounded(d, &args);
     assert!(
         out.status.success(),
         "`cobbyd {}` failed ({:?}):\n{}{}\nstatus: {:#}\nlog tail:\n{}",
@@ -124,6 +141,59 @@ pub fn sync_wait(d: &Daemon, name: &str, full: bool) -> Value {
         tail(d, 60)
     );
     s["sync"]["last_run"].clone()
+}
+
+/// Runs the CLI like [`Daemon::cli`], but kills it and fails the test
+/// (with the daemon's log) if it has not ended within [`WAIT`]: `sync
+/// --wait` that never returns is a defect to report, not to hang on.
+pub fn cli_bounded(d: &Daemon, args: &[&str]) -> std::process::Output {
+    use std::io::Read;
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(&d.config)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain both pipes on threads so that a chatty child never blocks.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > WAIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+            panic!(
+                "`cobbyd {}` did not end within {WAIT:?}\nits stderr:\n{err}\nlog tail:\n{}",
+                args.join(" "),
+                tail(d, 80)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 /// `cobbyd products NAME [--store-code C]` parsed, one value per line.
@@ -320,4 +390,47 @@ pub fn seed(what: &str) -> u64 {
         });
     eprintln!("{what}: seed {s} (COBBYD_TEST_SEED={s} repeats it)");
     s
+}
+
+/// `cobbyd sync NAME [--full]` without waiting; returns the id of the last
+/// finished run before it.
+pub fn start_sync(d: &Daemon, name: &str, full: bool) -> u64 {
+    let before = run_id(&d.shop(name));
+    let mut args = vec!["sync", name];
+    if full {
+        args.push("--full");
+    }
+    let out = d.cli(&args);
+    assert!(
+        out.status.success(),
+        "`cobbyd {}`: {}{}\nlog tail:\n{}",
+        args.join(" "),
+        stdout(&out),
+        stderr(&out),
+        tail(d, 40)
+    );
+    before
+}
+
+/// Every exported line is one version of the product, old or new: a sync
+/// that stopped half way left whole products, never pieces. Returns how
+/// many lines are the new version.
+pub fn assert_old_or_new(what: &str, got: &[Value], old: &[Value], new: &[Value]) -> usize {
+    let old_by: BTreeMap<String, &Value> = old.iter().map(|v| (sku(v), v)).collect();
+    let new_by: BTreeMap<String, &Value> = new.iter().map(|v| (sku(v), v)).collect();
+    unique_skus(got);
+    let mut fresh = 0;
+    for v in got {
+        let k = sku(v);
+        let is_new = new_by.get(&k) == Some(&v);
+        let is_old = old_by.get(&k) == Some(&v);
+        assert!(
+            is_new || is_old,
+            "{what}: {k} is neither the old nor the new product: {v:.300}"
+        );
+        if is_new && !is_old {
+            fresh += 1;
+        }
+    }
+    fresh
 }
