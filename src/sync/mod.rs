@@ -168,8 +168,7 @@ impl SyncManager {
 
     fn progress(&self, name: &str) -> Option<Progress> {
         let s = self.shops.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()?;
-        let p = s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        p
+        s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn queued(&self, name: &str) -> bool {
