@@ -210,3 +210,44 @@ fn stale_socket_replaced_other_files_refused() {
     assert!(stderr(&out).contains("not a socket"), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
+
+#[test]
+fn draining_reports_503_and_a_second_sigterm_exits_at_once() {
+    let sim = Sim::start(500);
+    // A drain that would outlast the test's patience unless the second
+    // signal cuts it short.
+    let mut d = Daemon::start_with("", &[("COBBYD__DAEMON__SHUTDOWN_TIMEOUT", "10min")]);
+    let out = d.add_shop("slow", "magento2", &sim.url(), &sim.credentials().m2_oauth_toml(), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.wait_shop("slow", "first sync", |s| s["sync"]["last_run"]["outcome"] == "ok");
+    sim.set_fault(cobbyd::sim::Fault::Slow(Duration::from_secs(600)));
+    let out = d.cli(&["sync", "slow", "--full"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.wait_shop("slow", "a sync in flight", |s| !s["sync"]["progress"].is_null());
+    d.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    loop {
+        let (code, body) = d.http("GET", "/health", None);
+        if code == 503 {
+            assert!(body.contains("stopping"), "{body}");
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "health never turned 503");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Mutations are refused while draining; reads still work.
+    let (code, _) = d.http("POST", "/v1/shops/slow/sync", Some("{}"));
+    assert_eq!(code, 503);
+    assert_eq!(d.http("GET", "/v1/status", None).0, 200);
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    assert!(status.code().is_some(), "killed by a signal: {status}");
+    assert!(d.log().contains("second stop signal"), "{}", d.log());
+    assert!(!d.socket.exists());
+    sim.set_fault(cobbyd::sim::Fault::None);
+    // The interrupted run resumes after a restart and completes.
+    d.restart();
+    d.wait_shop("slow", "the full sync to finish", |s| {
+        s["sync"]["last_run"]["kind"] == "full_sync" && s["sync"]["last_run"]["outcome"] == "ok"
+    });
+}
