@@ -5,5 +5,6 @@
 mod harness;
 
 mod daemon;
+mod shops;
 mod sync;
 mod sync_util;
