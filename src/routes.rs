@@ -263,11 +263,11 @@ struct AddShop {
 }
 
 /// The probe's diagnosis as error details.
-fn diagnosis(err: &crate::magento::ShopError, platform: Platform) -> Value {
+fn diagnosis(err: &crate::magento::ShopError, shop: &ShopRecord) -> Value {
     json!({
         "kind": err.kind,
         "message": err.message,
-        "hint": crate::health::hint(err.kind, platform),
+        "hint": crate::health::hint_for(err.kind, shop),
         "http_status": err.status,
     })
 }
@@ -328,7 +328,7 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
             "shop_failed",
             format!("the connection test failed, nothing was saved: {e}"),
         );
-        err.details = Some(diagnosis(e, rec.platform));
+        err.details = Some(diagnosis(e, &rec));
         return Err(err);
     }
     d.registry.put(rec.clone())?;
@@ -408,7 +408,7 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
             "shop_failed",
             format!("the new credentials failed the connection test; the old ones stay in use: {e}"),
         );
-        err.details = Some(diagnosis(e, rec.platform));
+        err.details = Some(diagnosis(e, &rec));
         return Err(err);
     }
     // One sled insert replaces the record: readers see old or new, never a mix.

@@ -495,7 +495,7 @@ async fn run(
     };
     let error = match &result {
         Err(SyncError::Shop(e)) => Some(json!({
-            "kind": e.kind, "message": e.message, "hint": crate::health::hint(e.kind, rec.platform),
+            "kind": e.kind, "message": e.message, "hint": crate::health::hint_for(e.kind, rec),
         })),
         Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
         _ => None,

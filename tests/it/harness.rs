@@ -130,7 +130,8 @@ impl Daemon {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            // The CLI may refuse its arguments before reading stdin.
+            let _ = child.stdin.take().unwrap().write_all(s.as_bytes());
         }
         child.wait_with_output().unwrap()
     }
