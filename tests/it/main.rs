@@ -8,3 +8,4 @@ mod daemon;
 mod shops;
 mod sync;
 mod sync_util;
+mod operate;
