@@ -348,7 +348,7 @@ fn fault_mid_sync(p: P, fault: Fault, kinds: &[&str]) {
     assert_eq!(got.len(), 3_000);
     let fresh = assert_old_or_new(&format!("{fault:?}"), &got, &old, &new);
     assert!(
-        fresh >= 300 && fresh < 2_000,
+        (300..2_000).contains(&fresh),
         "{fresh} products new after a run that failed half way"
     );
     assert_eq!(s["sync"]["stores"]["default"]["resumable"], true, "{s:#}");
@@ -368,4 +368,506 @@ fn fault_mid_sync(p: P, fault: Fault, kinds: &[&str]) {
 #[test]
 fn m2_truncated_answers_mid_sync_fail_cleanly_and_resume() {
     fault_mid_sync(P::M2, Fault::Truncated, &["protocol", "connect"]);
+}
+
+#[test]
+fn m2_garbage_answers_mid_sync_fail_cleanly_and_resume() {
+    fault_mid_sync(P::M2, Fault::Garbage, &["protocol", "not_api"]);
+}
+
+#[test]
+fn m1_garbage_answers_mid_sync_fail_cleanly_and_resume() {
+    fault_mid_sync(P::M1, Fault::Garbage, &["protocol", "not_api"]);
+}
+
+#[test]
+fn m1_truncated_answers_mid_sync_fail_cleanly_and_resume() {
+    fault_mid_sync(P::M1, Fault::Truncated, &["protocol", "connect"]);
+}
+
+/// Flaky answers (every third request a 500) are retried: the syncs
+/// complete, incremental and full, and the mirror equals the catalog.
+fn flaky(p: P) {
+    // Small: every failed request costs a backoff of half a second or more.
+    let sim = Sim::start(1_500);
+    let d = daemon("page_size = 100\nm1_batch_size = 50\nm1_id_range = 500\n");
+    add(&d, &sim, "shop", p, &[]);
+    sim.touch(300);
+    sim.create(20);
+    sim.reset_counters();
+    sim.set_fault(Fault::Flaky { every: 3 });
+    let r = sync_wait(&d, "shop", false);
+    assert!(sim.counters().faults_injected > 0, "no fault was injected");
+    assert!(
+        r["requests"].as_u64() > r["pages"].as_u64(),
+        "no retry counted: {r:#}"
+    );
+    assert_same(
+        "flaky incremental",
+        &export(&d, "shop", None),
+        &p.items(&sim, "default"),
+    );
+    sim.delete(15);
+    sim.touch(100);
+    let r = full_sync(&d, "shop");
+    assert_eq!(r["deleted"], 15, "{r:#}");
+    sim.set_fault(Fault::None);
+    assert_mirror(&d, &sim, "shop", p, None);
+    assert_eq!(
+        d.shop("shop")["sync"]["last_error"],
+        serde_json::Value::Null
+    );
+}
+
+#[test]
+fn m2_flaky_answers_are_retried() {
+    flaky(P::M2);
+}
+
+#[test]
+fn m1_flaky_answers_are_retried() {
+    flaky(P::M1);
+}
+
+/// Requests that outlast `request_timeout` fail the run with kind
+/// `timeout` after the retries; with the shop fast again the next sync
+/// completes.
+#[test]
+fn m2_slow_answers_time_out_cleanly() {
+    let sim = Sim::start(1_000);
+    let d = daemon("page_size = 100\nrequest_timeout = \"1s\"\n");
+    add(&d, &sim, "shop", P::M2, &[]);
+    sim.touch(300);
+    // Slow but within the timeout: fine.
+    sim.set_fault(Fault::Slow(Duration::from_millis(200)));
+    sync_wait(&d, "shop", false);
+    assert_mirror(&d, &sim, "shop", P::M2, None);
+    sim.touch(300);
+    let want = sim.m2_items("default");
+    sim.set_fault(Fault::Slow(Duration::from_millis(2_500)));
+    let out = sync_wait_any(&d, "shop", false);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("timeout"), "{}", stderr(&out));
+    let s = d.shop("shop");
+    assert_eq!(s["sync"]["last_run"]["outcome"], "failed", "{s:#}");
+    assert_eq!(s["sync"]["last_error"]["kind"], "timeout", "{s:#}");
+    assert_eq!(d.http("GET", "/health", None).0, 200);
+    sim.set_fault(Fault::None);
+    sync_wait(&d, "shop", false);
+    assert_same("after the timeouts", &export(&d, "shop", None), &want);
+}
+
+/// 429 with `Retry-After`: the sync waits as asked (not sooner) and
+/// completes once the shop lets it.
+#[test]
+fn m2_rate_limit_honours_retry_after() {
+    let sim = Sim::start(2_000);
+    let d = daemon("page_size = 100\n");
+    add(&d, &sim, "shop", P::M2, &[]);
+    sim.touch(400);
+    sim.reset_counters();
+    sim.set_fault(Fault::RateLimited { retry_after_s: 4 });
+    let before = start_sync(&d, "shop", false);
+    let t = std::time::Instant::now();
+    while sim.counters().faults_injected == 0 {
+        assert!(t.elapsed() < WAIT, "the sync never asked\n{}", tail(&d, 40));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Far less than Retry-After, more than the first backoff steps: a
+    // client that ignores Retry-After asks again within this window.
+    std::thread::sleep(Duration::from_millis(1_800));
+    let limited = sim.counters().faults_injected;
+    let s = d.shop("shop");
+    sim.set_fault(Fault::None);
+    assert_eq!(
+        limited,
+        1,
+        "asked again before Retry-After elapsed\n{}",
+        tail(&d, 40)
+    );
+    assert_eq!(s["sync"]["state"], "running", "{s:#}");
+    let s = wait_idle_after(&d, "shop", before);
+    assert_eq!(s["sync"]["last_run"]["outcome"], "ok", "{s:#}");
+    assert_mirror(&d, &sim, "shop", P::M2, None);
+}
+
+/// Magento 1 sessions that expire while a sync runs are renewed: the sync
+/// completes and the shop saw extra logins.
+#[test]
+fn m1_session_expiry_mid_sync_relogs_in() {
+    let sim = Sim::start(3_000);
+    let d = daemon("m1_batch_size = 20\nm1_id_range = 200\nshop_concurrency = 1\n");
+    add(&d, &sim, "shop", P::M1, &[]);
+    sim.touch(1_500);
+    sim.delete(10);
+    sim.set_fault(Fault::Slow(Duration::from_millis(20)));
+    let logins = sim.counters().m1_logins;
+    let before = start_sync(&d, "shop", true);
+    d.wait_shop("shop", "full sync under way", |s| {
+        s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 300
+    });
+    sim.expire_sessions();
+    d.wait_shop("shop", "full sync further", |s| {
+        s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 1_200
+    });
+    sim.expire_sessions();
+    // And once more with logins themselves failing now and then.
+    let (logins_now, faults_now) = (sim.counters().m1_logins, sim.counters().faults_injected);
+    sim.set_fault(Fault::Flaky { every: 2 });
+    sim.expire_sessions();
+    let t = std::time::Instant::now();
+    while sim.counters().m1_logins == logins_now || sim.counters().faults_injected < faults_now + 2
+    {
+        assert!(
+            t.elapsed() < WAIT,
+            "no login after the sessions expired\n{}",
+            tail(&d, 40)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sim.set_fault(Fault::None);
+    let s = wait_idle_after(&d, "shop", before);
+    let last = &s["sync"]["last_run"];
+    assert_eq!(last["outcome"], "ok", "{s:#}\nlog tail:\n{}", tail(&d, 60));
+    assert_eq!(last["kind"], "full_sync", "{s:#}");
+    let extra = sim.counters().m1_logins - logins;
+    assert!(
+        extra >= 2,
+        "{extra} logins during a sync whose sessions expired three times"
+    );
+    assert_mirror(&d, &sim, "shop", P::M1, None);
+}
+
+/// The value of a product field as the CSV shows it.
+fn csv_text(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The CSV export parses with a strict reader, has the documented header,
+/// one row per product, and keeps awkward text intact.
+fn csv_export(p: P) {
+    let sim = Sim::start(2_000);
+    let d = daemon("");
+    add(&d, &sim, "shop", p, &[]);
+    let text = export_csv(&d, "shop", None);
+    let mut r = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = r.headers().unwrap().iter().map(str::to_string).collect();
+    let fixed = [
+        "sku",
+        "id",
+        "type",
+        "name",
+        "status",
+        "visibility",
+        "price",
+        "updated_at",
+    ];
+    assert_eq!(&header[..8], &fixed, "{header:?}");
+    let custom = &header[8..];
+    let mut sorted = custom.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(custom, &sorted[..], "custom columns not sorted or repeated");
+    assert!(
+        custom.iter().all(|c| !fixed.contains(&c.as_str())),
+        "{custom:?}"
+    );
+    assert!(custom.iter().any(|c| c == "description"), "{custom:?}");
+    let items = p.items(&sim, "default");
+    if p == P::M2 {
+        let mut want: Vec<String> = items
+            .iter()
+            .flat_map(|v| {
+                v["custom_attributes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|a| a["attribute_code"].as_str().map(str::to_string))
+            .collect();
+        want.sort();
+        want.dedup();
+        assert_eq!(custom, &want[..]);
+    }
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let by_sku: std::collections::HashMap<String, &serde_json::Value> =
+        items.iter().map(|v| (sku(v), v)).collect();
+    let mut rows = 0;
+    let mut seen = std::collections::HashSet::new();
+    let (mut quoted, mut multiline, mut unicode, mut html) = (0, 0, 0, 0);
+    for rec in r.records() {
+        let rec = rec.unwrap_or_else(|e| panic!("row {}: {e}", rows + 2));
+        rows += 1;
+        assert_eq!(rec.len(), header.len());
+        let s = rec[0].to_string();
+        assert!(seen.insert(s.clone()), "{s} twice");
+        let item = by_sku
+            .get(&s)
+            .unwrap_or_else(|| panic!("CSV sku {s:?} is not in the shop"));
+        let id_field = if p == P::M1 { "product_id" } else { "id" };
+        assert_eq!(rec[col("id")], csv_text(item.get(id_field)), "{s}");
+        assert_eq!(rec[col("name")], csv_text(item.get("name")), "{s}");
+        assert_eq!(rec[col("price")], csv_text(item.get("price")), "{s}");
+        assert_eq!(
+            rec[col("updated_at")],
+            csv_text(item.get("updated_at")),
+            "{s}"
+        );
+        let description = match p {
+            P::M1 => csv_text(item.get("description")),
+            P::M2 => item["custom_attributes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["attribute_code"] == "description"))
+                .map(|x| csv_text(x.get("value")))
+                .unwrap_or_default(),
+        };
+        assert_eq!(rec[col("description")], description, "{s}");
+        let name = &rec[col("name")];
+        quoted += usize::from(name.contains('"') || s.contains('"'));
+        multiline += usize::from(name.contains('\n'));
+        unicode += usize::from(!name.is_ascii() || !s.is_ascii());
+        html += usize::from(name.contains('<') || description.contains("<p>"));
+    }
+    assert_eq!(rows, sim.product_count());
+    // The catalog holds the awkward cases, so the checks above covered them.
+    assert!(
+        quoted > 0 && multiline > 0 && unicode > 0 && html > 0,
+        "{quoted} {multiline} {unicode} {html}"
+    );
+}
+
+#[test]
+fn m2_csv_export_parses_and_matches() {
+    csv_export(P::M2);
+}
+
+#[test]
+fn m1_csv_export_parses_and_matches() {
+    csv_export(P::M1);
+}
+
+/// A running sync shows its progress in status (JSON and text).
+#[test]
+fn status_shows_progress_while_syncing() {
+    let sim = Sim::start(2_000);
+    let d = daemon("page_size = 50\n");
+    sim.set_fault(Fault::Slow(Duration::from_millis(60)));
+    let out = d.add_shop(
+        "shop",
+        "magento2",
+        &sim.url(),
+        &sim.credentials().m2_oauth_toml(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = d.wait_shop("shop", "progress with done and total", |s| {
+        let p = &s["sync"]["progress"];
+        s["sync"]["state"] == "running"
+            && p["done"].as_u64().unwrap_or(0) > 0
+            && p["total"].as_u64().unwrap_or(0) > 0
+    });
+    let p = &s["sync"]["progress"];
+    assert_eq!(p["total"], 2_000, "{s:#}");
+    assert_eq!(p["kind"], "sync", "{s:#}");
+    assert_eq!(p["store_code"], "default", "{s:#}");
+    assert!(p["run_id"].as_u64().unwrap() > 0, "{s:#}");
+    assert!(
+        p["requests"].as_u64().unwrap() >= p["pages"].as_u64().unwrap(),
+        "{s:#}"
+    );
+    assert!(
+        p["percent"].as_f64().is_some_and(|x| x > 0.0 && x < 100.0),
+        "{s:#}"
+    );
+    // The table says so too, while it runs.
+    let t = std::time::Instant::now();
+    loop {
+        let out = d.cli(&["status"]);
+        let text = stdout(&out);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("shop "))
+            .unwrap_or_default()
+            .to_string();
+        if line.contains("sync catch_up") && line.contains('%') && line.contains("/2,000)") {
+            break;
+        }
+        assert!(
+            d.shop("shop")["sync"]["state"] == "running" && t.elapsed() < WAIT,
+            "status never showed the progress while running; last:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sim.set_fault(Fault::None);
+    let s = wait_idle_after(&d, "shop", 0);
+    assert_eq!(s["sync"]["progress"], serde_json::Value::Null);
+    assert_eq!(s["sync"]["last_run"]["outcome"], "ok");
+    assert_mirror(&d, &sim, "shop", P::M2, None);
+}
+
+/// SIGKILL at random moments of syncs (incremental and full, the first
+/// one included) while the catalog changes between rounds: after every
+/// restart the interrupted run resumes, and in the end the mirror is the
+/// catalog exactly (nothing lost, nothing doubled).
+fn kill_rounds(p: P) {
+    const ROUNDS: usize = 10;
+    let seed = seed(&format!("{p:?} kill rounds"));
+    let mut rng = Rng::new(seed);
+    let sim = Sim::start(10_000);
+    let mut d = daemon("page_size = 50\nm1_id_range = 200\nm1_batch_size = 25\nkeep_runs = 1000\n");
+    // Every answer a little late, so that a sync spans many moments.
+    sim.set_fault(Fault::Slow(Duration::from_millis(3)));
+    let out = d.add_shop("shop", p.platform(), &sim.url(), &p.creds(&sim), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut log = Vec::new();
+    let mut killed_running = 0;
+    for round in 0..ROUNDS {
+        let mut what = String::new();
+        let before = run_id(&d.shop("shop"));
+        if round > 0 {
+            match rng.range(0, 4) {
+                0 => what += &format!("touch {}", sim.touch(rng.range(1, 400) as usize).len()),
+                1 => what += &format!("create {}", sim.create(rng.range(1, 60) as usize).len()),
+                2 => what += &format!("delete {}", sim.delete(rng.range(1, 30) as usize).len()),
+                _ => {
+                    let (a, b) = (
+                        sim.touch(rng.range(1, 200) as usize).len(),
+                        sim.create(rng.range(1, 20) as usize).len(),
+                    );
+                    what += &format!("touch {a}, create {b}");
+                }
+            }
+            let full = round == 1 || rng.range(0, 4) == 0;
+            what += if full { ", full sync" } else { ", sync" };
+            start_sync(&d, "shop", full);
+        } else {
+            what += "first sync";
+        }
+        // Kill either blind after a random delay, or once the run is seen
+        // going plus a random delay.
+        let gated = round <= 1 || rng.range(0, 2) == 0;
+        let delay = Duration::from_millis(rng.range(0, if gated { 400 } else { 1_500 }));
+        let mut running = if gated {
+            wait_running(&d, "shop", before)
+        } else {
+            false
+        };
+        if round == 0 {
+            // The first sync is killed well into its work, so that its
+            // resumption has something to skip.
+            d.wait_shop("shop", "first sync under way", |s| {
+                s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 500
+            });
+        }
+        std::thread::sleep(delay);
+        let at_kill = d.shop("shop");
+        running |= !at_kill["sync"]["progress"].is_null();
+        // Stored before the kill: progress counts a page once it is flushed.
+        let done_at_kill = at_kill["sync"]["progress"]["done"].as_u64().unwrap_or(0);
+        d.kill9();
+        d.restart();
+        let mut again = "";
+        // Sometimes kill the resumed run as well.
+        if rng.range(0, 3) == 0 {
+            std::thread::sleep(Duration::from_millis(rng.range(0, 600)));
+            d.kill9();
+            d.restart();
+            again = ", killed again after the restart";
+        }
+        killed_running += usize::from(running);
+        let s = wait_settled(&d, "shop");
+        if round == 0 && done_at_kill > 0 {
+            // The first sync resumed where it stood: no attempt after the
+            // kill fetched what was stored before it.
+            let after: Vec<serde_json::Value> = runs(&d, "shop")
+                .into_iter()
+                .filter(|r| r["resumed"] == true)
+                .collect();
+            assert!(
+                !after.is_empty(),
+                "the first sync, killed at {done_at_kill} products, did not resume"
+            );
+            for r in &after {
+                let fetched = r["fetched"].as_u64().unwrap_or(0);
+                assert!(
+                    fetched + done_at_kill <= 10_000,
+                    "a resumed first sync fetched {fetched} products after {done_at_kill} were stored: {r:#}"
+                );
+            }
+        }
+        // Whatever happened, no product is ever doubled.
+        let got = export(&d, "shop", None);
+        unique_skus(&got);
+        assert_eq!(
+            got.len() as u64,
+            s["sync"]["products"].as_u64().unwrap(),
+            "round {round}: count vs export"
+        );
+        log.push(format!(
+            "round {round}: {what}; killed {delay:?} {}{again}",
+            if running {
+                "into the run"
+            } else {
+                "later (run maybe over)"
+            }
+        ));
+    }
+    let all = runs(&d, "shop");
+    let resumed: Vec<&serde_json::Value> = all.iter().filter(|r| r["resumed"] == true).collect();
+    eprintln!(
+        "{p:?}: {}\n{killed_running} kills hit a running sync; {} runs resumed:",
+        log.join("\n"),
+        resumed.len()
+    );
+    for r in &resumed {
+        eprintln!(
+            "  run {} {} {}: {} requests, {} fetched",
+            r["run_id"], r["kind"], r["outcome"], r["requests"], r["fetched"]
+        );
+    }
+    assert!(killed_running >= 1, "no kill hit a running sync");
+    assert!(!resumed.is_empty(), "no run resumed after a kill: {all:#?}");
+    assert!(
+        all.iter().all(|r| r["outcome"] == "ok"),
+        "a run failed: {all:#?}\nlog tail:\n{}",
+        tail(&d, 60)
+    );
+    // Catch up (new products), then reconcile (deletions): the catalog exactly.
+    sim.set_fault(Fault::None);
+    sync_wait(&d, "shop", false);
+    full_sync(&d, "shop");
+    let got = export(&d, "shop", None);
+    assert_eq!(got.len(), sim.product_count(), "export lines vs products");
+    unique_skus(&got);
+    assert_same(
+        &format!("{p:?} after {ROUNDS} kill rounds (seed {seed})"),
+        &got,
+        &p.items(&sim, "default"),
+    );
+    assert_eq!(
+        d.shop("shop")["sync"]["products"].as_u64(),
+        Some(sim.product_count() as u64)
+    );
+}
+
+#[test]
+fn m2_sigkill_during_syncs_loses_nothing() {
+    kill_rounds(P::M2);
+}
+
+#[test]
+fn m1_sigkill_during_syncs_loses_nothing() {
+    kill_rounds(P::M1);
 }

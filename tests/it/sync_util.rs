@@ -434,3 +434,97 @@ pub fn assert_old_or_new(what: &str, got: &[Value], old: &[Value], new: &[Value]
     }
     fresh
 }
+
+/// Seconds from now until an RFC 3339 time in status (`None`: absent).
+pub fn secs_until(v: &Value) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok()?;
+    Some((t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds())
+}
+
+/// Waits until nothing about the shop's sync is pending: no run going, no
+/// checkpoint of an unfinished run, no sync job due soon. Returns the status.
+pub fn wait_settled(d: &Daemon, name: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let s = d.shop(name);
+        let sync = &s["sync"];
+        let resumable = sync["stores"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|c| c["resumable"] == true));
+        let later = |k: &str| secs_until(&sync[k]).is_some_and(|x| x > 60);
+        if sync["state"] == "idle"
+            && sync["progress"].is_null()
+            && !resumable
+            && later("next_sync")
+            && later("next_full_sync")
+        {
+            return s;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "{name} did not settle\nlast status: {s:#}\nlog tail:\n{}",
+            tail(d, 80)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls until a run is going (`progress` set) or a run newer than `after`
+/// ended; returns whether a run was seen going.
+pub fn wait_running(d: &Daemon, name: &str, after: u64) -> bool {
+    let t = Instant::now();
+    loop {
+        let s = d.shop(name);
+        if !s["sync"]["progress"].is_null() {
+            return true;
+        }
+        if run_id(&s) > after {
+            return false;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "no sync of {name} started\nlast status: {s:#}\nlog tail:\n{}",
+            tail(d, 80)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A full reconcile, waited for until a `full_sync` run newer than the
+/// ones known ended (`sync --wait` may return for another run that was
+/// already due); asserts it succeeded and returns it.
+pub fn full_sync(d: &Daemon, name: &str) -> Value {
+    let before = runs(d, name)
+        .iter()
+        .filter_map(|r| r["run_id"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let _ = sync_wait_any(d, name, true);
+    let t = Instant::now();
+    loop {
+        if let Some(r) = runs(d, name)
+            .into_iter()
+            .find(|r| r["kind"] == "full_sync" && r["run_id"].as_u64().unwrap_or(0) > before)
+        {
+            assert_eq!(r["outcome"], "ok", "{r:#}\nlog tail:\n{}", tail(d, 60));
+            wait_idle_after(d, name, 0);
+            return r;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "no full sync of {name} ended\nstatus: {:#}\nlog tail:\n{}",
+            d.shop(name),
+            tail(d, 80)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `cobbyd sync NAME [--full] --wait`, whatever the outcome.
+pub fn sync_wait_any(d: &Daemon, name: &str, full: bool) -> std::process::Output {
+    let mut args = vec!["sync", name, "--wait"];
+    if full {
+        args.push("--full");
+    }
+    cli_bounded(d, &args)
+}
