@@ -28,7 +28,7 @@ fn dispatch(cli: Cli) -> u8 {
             }
         },
         Command::Manpage => {
-            let man = clap_mangen::Man::new(Cli::command());
+            let man = clap_mangen::Man::new(Cli::command()).date(man_date());
             let mut out = std::io::stdout();
             match man.render(&mut out) {
                 Ok(()) => 0,
@@ -55,6 +55,18 @@ fn dispatch(cli: Cli) -> u8 {
         }
         command => client_command(cli.config, cli.socket, command),
     }
+}
+
+/// The man page's date: `SOURCE_DATE_EPOCH` for reproducible packages,
+/// today otherwise.
+fn man_date() -> String {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .unwrap_or_else(chrono::Utc::now)
+        .format("%Y-%m-%d")
+        .to_string()
 }
 
 /// Commands that talk to a running daemon.
