@@ -32,6 +32,7 @@ fn dispatch(cli: Cli) -> u8 {
             let mut out = std::io::stdout();
             match man.render(&mut out) {
                 Ok(()) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
                 Err(e) => {
                     eprintln!("cobbyd: {e}");
                     1
