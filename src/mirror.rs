@@ -10,6 +10,7 @@ use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::collections::HashMap;
 
 const LAYOUT: u8 = 1;
 
@@ -43,11 +44,15 @@ pub fn content_hash(json: &[u8]) -> u64 {
 
 /// Encodes a value for the products tree.
 pub fn encode(item: &Item) -> Vec<u8> {
+    encode_hashed(item, content_hash(&item.json))
+}
+
+fn encode_hashed(item: &Item, hash: u64) -> Vec<u8> {
     let ua = item.updated_at.as_bytes();
     let ua = &ua[..ua.len().min(255)];
     let mut v = Vec::with_capacity(18 + ua.len() + item.json.len());
     v.push(LAYOUT);
-    v.extend_from_slice(&content_hash(&item.json).to_be_bytes());
+    v.extend_from_slice(&hash.to_be_bytes());
     v.extend_from_slice(&item.id.to_be_bytes());
     v.push(ua.len() as u8);
     v.extend_from_slice(ua);
@@ -105,6 +110,10 @@ pub struct RunCursor {
     /// Magento 1: the newest `updated_at` stored by this run; becomes the
     /// cursor when the run completes.
     pub max_seen: Option<String>,
+    /// Magento 1: the shop's clock when this run started. The checkpoint
+    /// never moves past it: a product read early and saved again while the
+    /// run goes on has an `updated_at` between the two.
+    pub shop_clock: Option<String>,
 }
 
 /// Counts of what a page did to the mirror.
@@ -125,7 +134,8 @@ impl Applied {
     }
 }
 
-/// One store view's mirror and checkpoint.
+/// One store view's mirror and checkpoint. Cheap to clone.
+#[derive(Clone)]
 pub struct Mirror {
     store: Store,
     products: sled::Tree,
@@ -157,54 +167,96 @@ impl Mirror {
     /// Stores `upserts`, removes `deletes` (SKUs) and writes `cursor`, all or
     /// nothing. `cursor.products` is adjusted by what happened. Unchanged
     /// products (same content hash) are not rewritten.
+    ///
+    /// The old values are read before the transaction: a sled transaction
+    /// holds a database-wide write lock, and reads that miss the cache go to
+    /// disk, so reading inside it would stall every other reader (status).
+    /// Only the run that owns this store view writes its tree, so what was
+    /// read is still what the transaction replaces. Blocking: call it from a
+    /// blocking thread in async code (see [`Mirror::apply_blocking`]).
     pub fn apply(
         &self,
         upserts: &[Item],
         deletes: &[String],
         cursor: &mut Cursor,
     ) -> Result<Applied, StoreError> {
-        let encoded: Vec<(&str, Vec<u8>, u64)> = upserts
-            .iter()
-            .map(|i| (i.sku.as_str(), encode(i), content_hash(&i.json)))
-            .collect();
-        let base = cursor.clone();
-        let result = (&self.products, self.store.cursor()).transaction(|(p, c)| {
-            let mut applied = Applied::default();
-            for (sku, value, hash) in &encoded {
-                match p.get(sku.as_bytes())? {
-                    Some(old) if decode(&old).map(|s| s.hash) == Some(*hash) => {
-                        applied.unchanged += 1;
-                    }
-                    Some(_) => {
-                        p.insert(sku.as_bytes(), value.as_slice())?;
+        let mut applied = Applied::default();
+        let mut writes: Vec<(&str, Vec<u8>)> = Vec::with_capacity(upserts.len());
+        // A SKU met twice in one call compares with its pending write.
+        let mut pending: HashMap<&str, (usize, u64)> = HashMap::with_capacity(upserts.len());
+        for i in upserts {
+            let hash = content_hash(&i.json);
+            if let Some((at, h)) = pending.get_mut(i.sku.as_str()) {
+                if *h == hash {
+                    applied.unchanged += 1;
+                } else {
+                    *h = hash;
+                    writes[*at].1 = encode_hashed(i, hash);
+                    applied.updated += 1;
+                }
+                continue;
+            }
+            match self.products.get(i.sku.as_bytes())? {
+                Some(old) if decode(&old).map(|s| s.hash) == Some(hash) => {
+                    applied.unchanged += 1;
+                }
+                old => {
+                    if old.is_some() {
                         applied.updated += 1;
-                    }
-                    None => {
-                        p.insert(sku.as_bytes(), value.as_slice())?;
+                    } else {
                         applied.created += 1;
                     }
+                    pending.insert(i.sku.as_str(), (writes.len(), hash));
+                    writes.push((i.sku.as_str(), encode_hashed(i, hash)));
                 }
+            }
+        }
+        let base = cursor.clone();
+        let result = (&self.products, self.store.cursor()).transaction(|(p, c)| {
+            let mut deleted = 0;
+            for (sku, value) in &writes {
+                p.insert(sku.as_bytes(), value.as_slice())?;
             }
             for sku in deletes {
                 if p.remove(sku.as_bytes())?.is_some() {
-                    applied.deleted += 1;
+                    deleted += 1;
                 }
             }
             let mut next = base.clone();
-            next.products = (next.products + applied.created).saturating_sub(applied.deleted);
+            next.products = (next.products + applied.created).saturating_sub(deleted);
             let v = serde_json::to_vec(&next)
                 .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
             c.insert(self.key.as_bytes(), v)?;
-            Ok((applied, next))
+            Ok((deleted, next))
         });
         match result {
-            Ok((applied, next)) => {
+            Ok((deleted, next)) => {
                 *cursor = next;
+                applied.deleted = deleted;
                 Ok(applied)
             }
             Err(TransactionError::Abort(e)) => Err(StoreError::Corrupt(e)),
             Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
         }
+    }
+
+    /// [`Mirror::apply`] on a blocking thread, so that a page's disk work
+    /// does not hold up the async workers (the control socket among them).
+    pub async fn apply_blocking(
+        &self,
+        upserts: Vec<Item>,
+        deletes: Vec<String>,
+        cursor: &mut Cursor,
+    ) -> Result<Applied, StoreError> {
+        let m = self.clone();
+        let mut c = cursor.clone();
+        let (a, c) = tokio::task::spawn_blocking(move || {
+            m.apply(&upserts, &deletes, &mut c).map(|a| (a, c))
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("mirror write: {e}")))??;
+        *cursor = c;
+        Ok(a)
     }
 
     /// Writes the cursor alone (phase changes).
@@ -265,5 +317,13 @@ mod tests {
         assert_eq!((a.deleted, c.products), (1, 1));
         assert_eq!(m.cursor().unwrap(), c);
         assert_eq!(m.recount(), 1);
+        // The same SKU twice in one call: the second compares with the first.
+        let a = m
+            .apply(&[item("d", 4, "{}"), item("d", 4, "{}"), item("d", 4, r#"{"y":2}"#)], &[], &mut c)
+            .unwrap();
+        assert_eq!((a.created, a.unchanged, a.updated, c.products), (1, 1, 1, 2));
+        assert_eq!(decode(&m.tree().get("d").unwrap().unwrap()).unwrap().json, br#"{"y":2}"#);
+        let a = m.apply(&[item("b", 2, r#"{"x":1}"#), item("b", 2, "{}")], &[], &mut c).unwrap();
+        assert_eq!((a.unchanged, a.updated, c.products), (1, 1, 2));
     }
 }

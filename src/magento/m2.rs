@@ -535,7 +535,9 @@ fn classify(a: &Answer) -> Result<(), ShopError> {
         return Err(e);
     }
     let status = a.status;
-    let msg = if is_json {
+    // Only failures carry a message; a 2xx body is a product page (parsed
+    // once, by the caller), not something to parse twice.
+    let msg = if is_json && !(200..=299).contains(&status) {
         magento_message(&a.body)
     } else {
         None

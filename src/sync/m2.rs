@@ -95,19 +95,17 @@ async fn catch_up(
     cursor: &mut Cursor,
 ) -> Result<(), SyncError> {
     ctx.update(|p| p.phase = "catch_up".into());
-    let mut first = true;
+    let page_size = ctx.cfg.sync.page_size;
+    let query = |c: &Cursor| ProductQuery {
+        after: c.updated_at.clone().map(|t| (t, c.last_id)),
+        page_size,
+        ..ProductQuery::default()
+    };
+    ctx.check()?;
+    let q = query(cursor);
+    let mut page = ctx.request("product page", || client.list_products(code, &q)).await?;
+    ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + page.total_count));
     loop {
-        ctx.check()?;
-        let q = ProductQuery {
-            after: cursor.updated_at.clone().map(|t| (t, cursor.last_id)),
-            page_size: ctx.cfg.sync.page_size,
-            ..ProductQuery::default()
-        };
-        let page = ctx.request("product page", || client.list_products(code, &q)).await?;
-        if first {
-            ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + page.total_count));
-            first = false;
-        }
         let fresh: Vec<&RawProduct> = page.items.iter().filter(|p| after(p, cursor)).collect();
         if fresh.is_empty() {
             if page.items.is_empty() {
@@ -122,17 +120,36 @@ async fn catch_up(
         }
         let items: Vec<Item> = fresh.iter().map(|p| to_item(p)).collect();
         // The checkpoint moves to the largest key stored, never backwards.
+        let mut next = cursor.clone();
         if let Some(last) = fresh.iter().max_by(|a, b| (a.updated_at.as_str(), a.id).cmp(&(b.updated_at.as_str(), b.id))) {
-            cursor.updated_at = Some(last.updated_at.clone());
-            cursor.last_id = last.id;
+            next.updated_at = Some(last.updated_at.clone());
+            next.last_id = last.id;
         }
-        let a = mirror.apply(&items, &[], cursor)?;
-        ctx.flush().await?;
-        ctx.applied(items.len() as u64, a);
         let n = page.items.len() as u64;
-        if n >= page.total_count || n < u64::from(ctx.cfg.sync.page_size) {
-            return Ok(());
+        let last_page = n >= page.total_count || n < u64::from(page_size);
+        let fetched = items.len() as u64;
+        let stop = ctx.check();
+        let q = query(&next);
+        // The page and its checkpoint are stored and flushed together; the
+        // next page is fetched meanwhile (it depends only on the new
+        // checkpoint) and is stored only after this flush.
+        let store = async {
+            let a = mirror.apply_blocking(items, Vec::new(), &mut next).await?;
+            ctx.flush().await?;
+            Ok::<_, SyncError>(a)
+        };
+        if last_page || stop.is_err() {
+            let a = store.await?;
+            *cursor = next;
+            ctx.applied(fetched, a);
+            return stop;
         }
+        let fetch = ctx.request("product page", || client.list_products(code, &q));
+        let (stored, next_page) = tokio::join!(store, fetch);
+        let a = stored?;
+        *cursor = next;
+        ctx.applied(fetched, a);
+        page = next_page?;
     }
 }
 
@@ -221,11 +238,12 @@ async fn refetch_changed(
         };
         let page = ctx.request("product refetch", || client.list_products(code, &q)).await?;
         let items: Vec<Item> = page.items.iter().filter(|p| ids.contains(&p.id)).map(to_item).collect();
-        let a = mirror.apply(&items, &[], cursor)?;
+        let fetched = items.len() as u64;
+        let a = mirror.apply_blocking(items, Vec::new(), cursor).await?;
         for id in &ids {
             refetch.remove(id.to_be_bytes()).map_err(StoreError::from)?;
         }
         ctx.flush().await?;
-        ctx.applied(items.len() as u64, a);
+        ctx.applied(fetched, a);
     }
 }

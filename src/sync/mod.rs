@@ -4,9 +4,10 @@
 //!
 //! The platform walks live in [`m2`] (keyset paging by `updated_at`,
 //! `entity_id`) and [`m1`] (id ranges, `multiCall` details). Both write
-//! through [`crate::mirror::Mirror::apply`] and flush before the next
-//! request, so a crash loses nothing and a restart resumes from the
-//! checkpoint.
+//! through [`crate::mirror::Mirror::apply`] and flush a page with its
+//! checkpoint before the next page is stored (the M2 catch-up fetches the
+//! next page while the previous one is written), so a crash loses nothing
+//! and a restart resumes from the checkpoint.
 
 pub mod m1;
 pub mod m2;

@@ -1,0 +1,787 @@
+//! Sync benchmark (DESIGN.md, "Performance targets").
+//!
+//! `cargo bench --bench sync -- [--products N] [--page-size N] [--json]`
+//!
+//! 1. Starts the simulator in-process with N products (default 100,000).
+//! 2. Baseline, the "bare client": fetches the pages the daemon fetches, in
+//!    the same order and with the same concurrency (the Magento 2 catch-up is
+//!    sequential keyset paging: page 1 of "after (updated_at, id)" each time),
+//!    through the same `M2Client`, storing nothing. Run once before and once
+//!    after the daemon; the faster run is the baseline.
+//! 3. The real daemon (the release binary) on a temporary state directory:
+//!    idle RSS, `shop add`, the first sync's duration (`last_run.duration_ms`)
+//!    and its rate relative to the baseline, `cobbyd status` latency while the
+//!    sync runs, peak RSS (VmHWM), state directory size against the raw JSON
+//!    size, and the JSONL export rate of `cobbyd products`.
+//! 4. Prints a report; with `--json`, the report goes to stderr and one JSON
+//!    object to stdout.
+//!
+//! Exits non-zero when anything fails (the sync, a count that does not match,
+//! the daemon dying). Targets are reported, not asserted: timings on a shared
+//! machine are not a pass/fail signal.
+
+use anyhow::{Context, Result, anyhow, bail};
+use cobbyd::magento::m2::{M2Auth, M2Client, ProductQuery};
+use cobbyd::secret::Secret;
+use cobbyd::sim::{SimConfig, SimHandle};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cobbyd");
+const SHOP: &str = "bench";
+const STORE: &str = "default";
+/// `cobbyd status` calls timed while the sync runs.
+const STATUS_SAMPLES: usize = 20;
+
+const USAGE: &str = "usage: cargo bench --bench sync -- [--products N] [--page-size N] [--json]
+  --products N    catalog size (default 100000; k and M suffixes accepted: 1M)
+  --page-size N   products per page, for the daemon and the baseline (default 200, at most 300)
+  --json          print one JSON object on stdout (the readable report goes to stderr)";
+
+struct Args {
+    products: usize,
+    page_size: u32,
+    json: bool,
+}
+
+fn parse_count(s: &str) -> Result<u64> {
+    let t = s.trim().replace('_', "");
+    let (digits, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1_000),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1_000_000),
+        _ => (t.as_str(), 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("not a number: {s:?}"))?;
+    Ok(n * mult)
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        products: 100_000,
+        page_size: 200,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let mut value = || -> Result<String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| anyhow!("{name} needs a value\n{USAGE}"))
+        };
+        match name.as_str() {
+            "--products" => a.products = usize::try_from(parse_count(&value()?)?)?,
+            "--page-size" => a.page_size = u32::try_from(parse_count(&value()?)?)?,
+            "--json" => a.json = true,
+            // cargo passes --bench to every bench binary.
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if a.products == 0 {
+        bail!("--products must be at least 1");
+    }
+    if !(1..=300).contains(&a.page_size) {
+        bail!("--page-size must be 1..=300 (the simulated shop's maximum is 300)");
+    }
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------
+// Baseline: the bare client
+// ---------------------------------------------------------------------------
+
+struct Baseline {
+    seconds: f64,
+    products: u64,
+    pages: u64,
+    bytes: u64,
+}
+
+impl Baseline {
+    fn rate(&self) -> f64 {
+        self.products as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// The daemon's catch-up loop (src/sync/m2.rs) without the storage.
+async fn bare_client(sim: &SimHandle, page_size: u32) -> Result<Baseline> {
+    let c = sim.credentials();
+    let auth = M2Auth::Oauth {
+        consumer_key: Secret::new(c.consumer_key.clone()),
+        consumer_secret: Secret::new(c.consumer_secret.clone()),
+        access_token: Secret::new(c.access_token.clone()),
+        access_token_secret: Secret::new(c.access_token_secret.clone()),
+    };
+    let opts = cobbyd::registry::client_options(&cobbyd::config::Config::default());
+    let client =
+        M2Client::new(SHOP, &sim.url(), auth, &opts).map_err(|e| anyhow!("client: {e}"))?;
+    let started = Instant::now();
+    let mut after: Option<(String, i64)> = None;
+    let (mut products, mut pages, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        let q = ProductQuery {
+            after: after.clone(),
+            page_size,
+            ..ProductQuery::default()
+        };
+        let page = client
+            .list_products(STORE, &q)
+            .await
+            .map_err(|e| anyhow!("bare client, page {}: {e}", pages + 1))?;
+        pages += 1;
+        bytes += page.body_bytes as u64;
+        let Some(last) = page
+            .items
+            .iter()
+            .max_by(|a, b| (a.updated_at.as_str(), a.id).cmp(&(b.updated_at.as_str(), b.id)))
+        else {
+            break;
+        };
+        after = Some((last.updated_at.clone(), last.id));
+        let n = page.items.len() as u64;
+        products += n;
+        if n >= page.total_count || n < u64::from(page_size) {
+            break;
+        }
+    }
+    Ok(Baseline {
+        seconds: started.elapsed().as_secs_f64(),
+        products,
+        pages,
+        bytes,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(page_size: u32) -> Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("cobbyd-bench").tempdir()?;
+        let config = dir.path().join("cobbyd.toml");
+        let socket = dir.path().join("cobbyd.sock");
+        let state_dir = dir.path().join("state");
+        let log_path = dir.path().join("daemon.log");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nsocket_group = \"cobbyd-bench-no-such-group\"\nlog_level = \"info\"\n\n[sync]\npage_size = {page_size}\n",
+                state_dir.display(),
+                socket.display()
+            ),
+        )?;
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {BIN}"))?;
+        let mut d = Daemon {
+            _dir: dir,
+            config,
+            socket,
+            state_dir,
+            log_path,
+            child: Some(child),
+        };
+        let t = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_unix(&d.socket, "GET", "/health") {
+                return Ok(d);
+            }
+            d.check_alive()?;
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("daemon not ready within 60 s\n{}", d.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("the daemon exited ({status})\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "daemon log ({}), last lines:\n{}",
+            self.log_path.display(),
+            lines[from..].join("\n")
+        )
+    }
+
+    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(s) = stdin
+            && let Some(mut w) = child.stdin.take()
+        {
+            w.write_all(s.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// The shop's status object.
+    fn shop(&self) -> Result<Value> {
+        let (code, body) = http_unix(&self.socket, "GET", &format!("/v1/status?shop={SHOP}"))?;
+        if code != 200 {
+            bail!("GET /v1/status: {code} {body}");
+        }
+        let v: Value = serde_json::from_str(&body).context("status JSON")?;
+        Ok(v["shops"][0].clone())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request over a Unix socket (Connection: close).
+fn http_unix(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: cobbyd\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad answer: {text:?}"))?;
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
+fn proc_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("/proc/{pid}/status has no {field}"))
+}
+
+/// User + system CPU seconds a process has used so far.
+fn proc_cpu_s(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat: no field {i}"))
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// (allocated bytes as du counts them, apparent bytes) of a directory tree.
+fn dir_size(p: &Path) -> Result<(u64, u64)> {
+    let (mut du, mut apparent) = (0, 0);
+    for e in std::fs::read_dir(p)? {
+        let e = e?;
+        let m = e.path().symlink_metadata()?;
+        if m.is_dir() {
+            let (a, b) = dir_size(&e.path())?;
+            du += a;
+            apparent += b;
+        } else {
+            du += m.blocks() * 512;
+            apparent += m.len();
+        }
+    }
+    Ok((du, apparent))
+}
+
+fn median_ms(v: &[f64]) -> f64 {
+    percentile_ms(v, 0.5)
+}
+
+fn percentile_ms(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+fn run(args: &Args) -> Result<Value> {
+    let n = args.products;
+    let say = |s: String| {
+        if args.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "cobbyd sync benchmark: {n} products, page size {}, Magento 2 (OAuth), store view {STORE}",
+        args.page_size
+    ));
+
+    // 1. The simulator, on its own runtime.
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sim")
+        .enable_all()
+        .build()?;
+    let t = Instant::now();
+    let sim = sim_rt.block_on(SimHandle::start(SimConfig {
+        products: n,
+        store_codes: vec![STORE.to_string()],
+        ..SimConfig::default()
+    }))?;
+    let sim_generate_s = t.elapsed().as_secs_f64();
+    say(format!(
+        "simulator     {} at {} ({n} products generated in {sim_generate_s:.2} s)",
+        sim.url(),
+        STORE
+    ));
+
+    // 2. Baseline, first run. The client gets its own runtime, as the
+    // daemon has its own process.
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("client")
+        .enable_all()
+        .build()?;
+    let b1 = client_rt.block_on(bare_client(&sim, args.page_size))?;
+    if b1.products != n as u64 {
+        bail!(
+            "bare client fetched {} products, the shop has {n}",
+            b1.products
+        );
+    }
+    say(format!(
+        "bare client   run 1: {} products, {} pages, {:.1} MiB in {:.2} s = {:.0} products/s",
+        b1.products,
+        b1.pages,
+        mib(b1.bytes),
+        b1.seconds,
+        b1.rate()
+    ));
+
+    // 3. The daemon.
+    let mut d = Daemon::start(args.page_size)?;
+    let pid = d.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss_kib = proc_kib(pid, "VmRSS")?;
+    let idle_hwm_kib = proc_kib(pid, "VmHWM")?;
+    let cpu_before = proc_cpu_s(pid)?;
+    let creds = sim.credentials().m2_oauth_toml();
+    let url = sim.url();
+    let out = d.cli(
+        &[
+            "shop",
+            "add",
+            SHOP,
+            "--platform",
+            "magento2",
+            "--url",
+            &url,
+            "--store-code",
+            STORE,
+            "--credentials-file",
+            "-",
+        ],
+        Some(&creds),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "cobbyd shop add failed ({}): {}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.log_tail()
+        );
+    }
+    let added = Instant::now();
+    let deadline = Duration::from_secs(300) + Duration::from_millis(n as u64 * 2);
+    let mut cli_ms: Vec<f64> = Vec::new();
+    let mut socket_ms: Vec<f64> = Vec::new();
+    let mut last_sample: Option<Instant> = None;
+    let mut peak_sampled_kib = 0;
+    let mut last_progress = Value::Null;
+    let shop = loop {
+        d.check_alive()?;
+        peak_sampled_kib = peak_sampled_kib.max(proc_kib(pid, "VmRSS").unwrap_or(0));
+        let t = Instant::now();
+        let s = d.shop()?;
+        let socket_took = t.elapsed().as_secs_f64() * 1e3;
+        let sync = &s["sync"];
+        if let Some(outcome) = sync["last_run"]["outcome"].as_str() {
+            if outcome == "ok" {
+                break s;
+            }
+            bail!(
+                "the sync ended {outcome}: {:#}\n{}",
+                sync["last_run"],
+                d.log_tail()
+            );
+        }
+        if sync["state"] == "running" {
+            last_progress = sync["progress"].clone();
+            socket_ms.push(socket_took);
+            let due = last_sample.is_none_or(|t| t.elapsed() >= Duration::from_millis(50));
+            if cli_ms.len() < STATUS_SAMPLES && due {
+                let t = Instant::now();
+                let o = d.cli(&["status", SHOP, "--json"], None)?;
+                let took = t.elapsed().as_secs_f64() * 1e3;
+                // 0: healthy, 1: running but not healthy; both answered.
+                if !matches!(o.status.code(), Some(0 | 1)) {
+                    bail!(
+                        "cobbyd status failed ({}): {}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                cli_ms.push(took);
+                last_sample = Some(Instant::now());
+            }
+        }
+        if added.elapsed() > deadline {
+            bail!(
+                "the first sync did not end within {deadline:?}; progress: {last_progress:#}\n{}",
+                d.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let run = &shop["sync"]["last_run"];
+    let duration_ms = run["duration_ms"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("last_run without duration_ms: {run}"))?;
+    let fetched = run["fetched"].as_u64().unwrap_or(0);
+    let mirrored = shop["sync"]["products"].as_u64().unwrap_or(0);
+    if fetched != n as u64 || mirrored != n as u64 {
+        bail!(
+            "the sync fetched {fetched} and mirrors {mirrored} products; the shop has {n}\n{run:#}"
+        );
+    }
+    let peak_rss_kib = proc_kib(pid, "VmHWM")?;
+    let rss_after_kib = proc_kib(pid, "VmRSS")?;
+    let sync_cpu_s = proc_cpu_s(pid)? - cpu_before;
+    let daemon_rate = n as f64 / (duration_ms as f64 / 1e3).max(1e-9);
+    say(format!(
+        "daemon sync   {fetched} products, {} pages, {} requests in {:.2} s = {daemon_rate:.0} products/s; daemon CPU {sync_cpu_s:.2} s",
+        run["pages"],
+        run["requests"],
+        duration_ms as f64 / 1e3
+    ));
+
+    // `cobbyd status` with the daemon idle: the cost of the CLI itself
+    // (process start, config, connect), for comparison.
+    let mut idle_cli_ms = Vec::new();
+    for _ in 0..STATUS_SAMPLES {
+        let t = Instant::now();
+        let o = d.cli(&["status", SHOP, "--json"], None)?;
+        idle_cli_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if !matches!(o.status.code(), Some(0 | 1)) {
+            bail!(
+                "cobbyd status failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+
+    // State directory against the raw JSON.
+    let (state_du, state_apparent) = dir_size(&d.state_dir)?;
+
+    // Export.
+    let t = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["products", SHOP, "--config"])
+        .arg(&d.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    let mut first_line = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let k = stdout.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        if lines == 0 {
+            let end = buf[..k].iter().position(|b| *b == b'\n').unwrap_or(k);
+            first_line.extend_from_slice(&buf[..end]);
+        }
+        lines += buf[..k].iter().filter(|b| **b == b'\n').count() as u64;
+        bytes += k as u64;
+    }
+    let status = child.wait()?;
+    let export_s = t.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("cobbyd products failed ({status}): {err}");
+    }
+    if lines != n as u64 {
+        bail!("cobbyd products wrote {lines} lines; the mirror has {n} products");
+    }
+    let first: Value =
+        serde_json::from_slice(&first_line).context("the first exported line is not JSON")?;
+    if !first["sku"].is_string() {
+        bail!("the first exported line has no sku: {first}");
+    }
+    let raw_json = bytes - lines;
+    let peak_with_export_kib = proc_kib(pid, "VmHWM")?;
+
+    // 2b. Baseline, second run (the shop is idle again).
+    let b2 = client_rt.block_on(bare_client(&sim, args.page_size))?;
+    say(format!(
+        "bare client   run 2: {} products, {} pages in {:.2} s = {:.0} products/s",
+        b2.products,
+        b2.pages,
+        b2.seconds,
+        b2.rate()
+    ));
+    let base = if b2.rate() > b1.rate() { &b2 } else { &b1 };
+    let ratio = daemon_rate / base.rate();
+
+    d.stop();
+
+    let status_line = if cli_ms.is_empty() {
+        "not sampled: the sync ended before the first call".to_string()
+    } else {
+        format!(
+            "median {:.2} ms, p90 {:.2} ms, max {:.2} ms over {} calls while syncing (target < 10 ms; idle: median {:.2} ms); GET /v1/status over the socket while syncing: median {:.2} ms, p90 {:.2} ms over {} calls",
+            median_ms(&cli_ms),
+            percentile_ms(&cli_ms, 0.9),
+            percentile_ms(&cli_ms, 1.0),
+            cli_ms.len(),
+            median_ms(&idle_cli_ms),
+            median_ms(&socket_ms),
+            percentile_ms(&socket_ms, 0.9),
+            socket_ms.len()
+        )
+    };
+    say(String::new());
+    say(format!(
+        "sync rate     daemon {daemon_rate:.0} products/s vs bare client {:.0} products/s = {:.1}% (target >= 90%)",
+        base.rate(),
+        ratio * 100.0
+    ));
+    say(format!(
+        "daemon memory idle {:.1} MiB RSS (before the shop); peak {:.1} MiB during the sync (VmHWM; highest RSS sampled {:.1} MiB; target < 64 MiB at 1M); {:.1} MiB after it; peak {:.1} MiB once the export ran",
+        idle_rss_kib as f64 / 1024.0,
+        peak_rss_kib as f64 / 1024.0,
+        peak_sampled_kib as f64 / 1024.0,
+        rss_after_kib as f64 / 1024.0,
+        peak_with_export_kib as f64 / 1024.0
+    ));
+    say(format!("cobbyd status {status_line}"));
+    say(format!(
+        "state dir     {:.1} MiB on disk (du; {:.1} MiB apparent) for {:.1} MiB of product JSON = {:.2}x",
+        mib(state_du),
+        mib(state_apparent),
+        mib(raw_json),
+        state_du as f64 / raw_json.max(1) as f64
+    ));
+    say(format!(
+        "export        {lines} lines, {:.1} MiB in {export_s:.2} s = {:.0} lines/s ({:.0} MiB/s)",
+        mib(bytes),
+        lines as f64 / export_s.max(1e-9),
+        mib(bytes) / export_s.max(1e-9)
+    ));
+
+    sim_rt.block_on(sim.shutdown());
+    Ok(json!({
+        "products": n,
+        "page_size": args.page_size,
+        "sim_generate_s": sim_generate_s,
+        "baseline": {
+            "products_per_s": base.rate(),
+            "seconds": base.seconds,
+            "pages": base.pages,
+            "bytes": base.bytes,
+            "runs_s": [b1.seconds, b2.seconds],
+        },
+        "daemon": {
+            "products_per_s": daemon_rate,
+            "duration_ms": duration_ms,
+            "pages": run["pages"],
+            "requests": run["requests"],
+            "ratio_to_baseline": ratio,
+            "cpu_s": sync_cpu_s,
+        },
+        "rss_kib": {
+            "idle": idle_rss_kib,
+            "idle_hwm": idle_hwm_kib,
+            "peak_hwm": peak_rss_kib,
+            "peak_sampled": peak_sampled_kib,
+            "after_sync": rss_after_kib,
+            "peak_hwm_with_export": peak_with_export_kib,
+        },
+        "status_ms": {
+            "cli_median": median_ms(&cli_ms),
+            "cli_p90": percentile_ms(&cli_ms, 0.9),
+            "cli_max": percentile_ms(&cli_ms, 1.0),
+            "cli_samples": cli_ms.len(),
+            "cli_idle_median": median_ms(&idle_cli_ms),
+            "socket_median": median_ms(&socket_ms),
+            "socket_p90": percentile_ms(&socket_ms, 0.9),
+            "socket_samples": socket_ms.len(),
+        },
+        "state_dir": {
+            "du_bytes": state_du,
+            "apparent_bytes": state_apparent,
+            "raw_json_bytes": raw_json,
+            "ratio": state_du as f64 / raw_json.max(1) as f64,
+        },
+        "export": {
+            "lines": lines,
+            "bytes": bytes,
+            "seconds": export_s,
+            "lines_per_s": lines as f64 / export_s.max(1e-9),
+        },
+    }))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sync bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(v) => {
+            if args.json {
+                println!("{v}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sync bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
