@@ -12,10 +12,10 @@ use super::{ClientOptions, FailureKind, ProbeInfo, ShopError};
 use crate::secret::Secret;
 use crate::shop::{Credentials, Platform, ShopRecord};
 use bytes::Bytes;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, DATE, HeaderMap};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Instant;
 use tracing::debug;
 
@@ -41,6 +41,8 @@ struct Inner {
     /// The API session, shared by all clones; held while logging in so that
     /// concurrent calls wait for one login instead of making their own.
     session: tokio::sync::Mutex<Option<Secret>>,
+    /// Newest `Date` header of an answer, in Unix seconds (0: none yet).
+    last_date: AtomicI64,
 }
 
 /// A Magento 1 shop. Cheap to clone (one `Arc`); clones share the session.
@@ -98,6 +100,7 @@ impl M1Client {
                 opts: opts.clone(),
                 endpoint: AtomicUsize::new(0),
                 session: tokio::sync::Mutex::new(None),
+                last_date: AtomicI64::new(0),
             }),
         })
     }
@@ -124,6 +127,16 @@ impl M1Client {
             // Only 1 and 2 are ever stored.
             i @ (1 | 2) => Some(format!("{}/{}", self.inner.base, ENDPOINTS[i - 1])),
             _ => None,
+        }
+    }
+
+    /// The shop's clock as of the newest answer received so far (its `Date`
+    /// header, to the second), if any answer carried one. Every request sent
+    /// after this call reaches the shop at this time or later.
+    pub fn shop_clock(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.inner.last_date.load(Ordering::Relaxed) {
+            0 => None,
+            secs => chrono::DateTime::from_timestamp(secs, 0),
         }
     }
 
@@ -383,6 +396,13 @@ impl M1Client {
             .map_err(|e| http::classify_send_error(&e, &inner.opts))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        if let Some(t) = headers
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+        {
+            inner.last_date.fetch_max(t.timestamp(), Ordering::Relaxed);
+        }
         let body = http::read_body(&mut resp, &inner.opts).await?;
         debug!(
             shop = %inner.shop,

@@ -38,6 +38,8 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> 
             let since = cursor.updated_at.clone();
             set(&mut cursor, |r| r.since = since);
         }
+        let clock = shop_clock(ctx, client, code).await?;
+        set(&mut cursor, |r| r.shop_clock = clock);
         mirror.save_cursor(&cursor)?;
     }
     let seen_name = ctx.scratch(code, "seen");
@@ -57,13 +59,32 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> 
         delete_unseen(ctx, &mirror, &mut cursor, &seen).await?;
     }
     ctx.d.store.drop_scratch(&seen_name)?;
+    // The newest `updated_at` stored, but never past the shop's clock at
+    // the start: the next run re-reads what was saved while this one read.
     let max_seen = run_field(&cursor, |r| r.max_seen.clone()).flatten();
-    if max_seen > cursor.updated_at {
-        cursor.updated_at = max_seen;
+    let reached = match (max_seen, run_field(&cursor, |r| r.shop_clock.clone()).flatten()) {
+        (Some(seen), Some(clock)) => Some(seen.min(clock)),
+        (seen, _) => seen,
+    };
+    if reached > cursor.updated_at {
+        cursor.updated_at = reached;
     }
     cursor.run = None;
     mirror.save_cursor(&cursor)?;
     ctx.flush().await
+}
+
+/// The shop's time before the run reads anything: a cheap listing that
+/// matches no product, then the newest `Date` the shop answered with
+/// (`None` when its answers carry no `Date`).
+async fn shop_clock(ctx: &RunCtx<'_>, client: &M1Client, code: &str) -> Result<Option<String>, SyncError> {
+    let nothing = Value::Struct(vec![(
+        "product_id".into(),
+        Value::Struct(vec![("eq".into(), Value::Int(0))]),
+    )]);
+    ctx.request("shop clock", || client.list_products(nothing.clone(), Some(code)))
+        .await?;
+    Ok(client.shop_clock().map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
 }
 
 /// Product ids of a `catalog_product.list` answer, ascending.

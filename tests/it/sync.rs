@@ -871,3 +871,47 @@ fn m2_sigkill_during_syncs_loses_nothing() {
 fn m1_sigkill_during_syncs_loses_nothing() {
     kill_rounds(P::M1);
 }
+
+/// Products saved while a sync walks the catalog are not lost: one
+/// already read is saved, and a second later another one not read yet.
+/// The next incremental sync must bring the first one too, although the
+/// run stored a newer `updated_at` (the second one).
+fn changes_during_a_walk(p: P) {
+    let sim = Sim::start(3_000);
+    let d = daemon("page_size = 50\nm1_id_range = 200\nm1_batch_size = 25\nshop_concurrency = 1\n");
+    add(&d, &sim, "shop", p, &[]);
+    let id_field = if p == P::M1 { "product_id" } else { "id" };
+    let id = |v: &serde_json::Value| {
+        v[id_field]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .or(v[id_field].as_i64())
+            .unwrap()
+    };
+    let items = p.items(&sim, "default");
+    let first = sku(items.iter().min_by_key(|v| id(v)).unwrap());
+    let last = sku(items.iter().max_by_key(|v| id(v)).unwrap());
+    sim.set_fault(Fault::Slow(Duration::from_millis(30)));
+    let before = start_sync(&d, "shop", true);
+    d.wait_shop("shop", "full sync past the first products", |s| {
+        s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 600
+    });
+    sim.touch_skus(std::slice::from_ref(&first));
+    std::thread::sleep(Duration::from_millis(1_100));
+    sim.touch_skus(std::slice::from_ref(&last));
+    let s = wait_idle_after(&d, "shop", before);
+    assert_eq!(s["sync"]["last_run"]["outcome"], "ok", "{s:#}");
+    sim.set_fault(Fault::None);
+    sync_wait(&d, "shop", false);
+    assert_mirror(&d, &sim, "shop", p, None);
+}
+
+#[test]
+fn m1_changes_during_a_walk_are_not_lost() {
+    changes_during_a_walk(P::M1);
+}
+
+#[test]
+fn m2_changes_during_a_full_sync_are_not_lost() {
+    changes_during_a_walk(P::M2);
+}
