@@ -873,7 +873,7 @@ fn m1_sigkill_during_syncs_loses_nothing() {
 }
 
 /// Products saved while a sync walks the catalog are not lost: one
-/// already read is saved, and a second later another one not read yet.
+/// already read is saved, and another one not read yet is saved later.
 /// The next incremental sync must bring the first one too, although the
 /// run stored a newer `updated_at` (the second one).
 fn changes_during_a_walk(p: P) {
@@ -897,8 +897,12 @@ fn changes_during_a_walk(p: P) {
         s["sync"]["progress"]["done"].as_u64().unwrap_or(0) >= 600
     });
     sim.touch_skus(std::slice::from_ref(&first));
-    std::thread::sleep(Duration::from_millis(1_100));
-    sim.touch_skus(std::slice::from_ref(&last));
+    // Saved two seconds later (stamped ahead rather than waited for, so
+    // that the walk surely has not reached it yet).
+    let later = (chrono::Utc::now() + chrono::Duration::seconds(2))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    sim.set_updated_at(std::slice::from_ref(&last), &later);
     let s = wait_idle_after(&d, "shop", before);
     assert_eq!(s["sync"]["last_run"]["outcome"], "ok", "{s:#}");
     sim.set_fault(Fault::None);
