@@ -510,7 +510,10 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
         let last_id = last["run_id"].as_u64().unwrap_or(0);
         // Done when a run newer than any known at request time has ended (a
         // run already going then may not include what was asked for).
-        let finished = last_id > last_before.max(running_before.unwrap_or(0)) && sync["progress"].is_null();
+        // With --full, only a full reconcile answers the request (an
+        // incremental run that was due anyway may end first).
+        let kind_ok = !args.full || last["kind"] == "full_sync";
+        let finished = kind_ok && last_id > last_before.max(running_before.unwrap_or(0)) && sync["progress"].is_null();
         let state = shop["state"].as_str().unwrap_or("unknown");
         if sync["progress"].is_null() && matches!(state, "down" | "auth_failed" | "misconfigured") {
             eprintln!("cobbyd: {}: the shop is {state}; the sync will not run until it is reachable (`cobbyd status {}`)", args.name, args.name);

@@ -219,9 +219,21 @@ impl Store {
         Ok(())
     }
 
-    /// A new id, unique for the life of the database (run ids).
-    pub fn generate_id(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.db.generate_id()?)
+    /// The next run id: 1, 2, 3, ... (`meta.run_seq`). sled's own
+    /// `generate_id` reserves a million ids per restart, which makes ids in
+    /// status jump after every crash. An increment lost in a crash is only
+    /// reused if nothing that recorded it reached the disk either (sled
+    /// recovers writes in order).
+    pub fn next_run_id(&self) -> Result<u64, StoreError> {
+        let next = self.inner.meta.update_and_fetch(b"run_seq", |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some(n.saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        next.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| StoreError::Corrupt("meta.run_seq is not 8 bytes".into()))
     }
 
     /// Bytes sled uses on disk.

@@ -429,7 +429,7 @@ async fn run(
     // Ids start at 1: 0 means "no run" to clients. Every attempt gets a new
     // id, so that a failed or interrupted attempt keeps its record and
     // clients waiting for "a run newer than N" see the resumed one end.
-    let run_id = d.store.generate_id()? + 1;
+    let run_id = d.store.next_run_id()?;
     // A run interrupted earlier (shutdown, crash, failure) is resumed from
     // its checkpoint: its run cursors are handed to this run.
     let mut resumed_id = None;
