@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -197,7 +198,16 @@ impl Daemon {
             ),
         )?;
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        // If the bench dies without unwinding (Ctrl-C), the daemon stops too.
+        // SAFETY: the closure only makes one async-signal-safe system call.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&config)
