@@ -1,1 +1,94 @@
-fn main() {}
+//! The `cobbyd` binary: parses the command line and hands over to the
+//! daemon, a client command, the demo or the simulator.
+
+use clap::{CommandFactory, Parser};
+use cobbyd::cli::{Cli, Command};
+use cobbyd::{commands, config, control_client::Client, daemon};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ExitCode::from(dispatch(cli))
+}
+
+fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Run => daemon::run(cli.config),
+        Command::CheckConfig => match config::load(cli.config.as_deref()) {
+            Ok(l) => {
+                match &l.path {
+                    Some(p) => println!("{}: OK", p.display()),
+                    None => println!("{}: absent, built-in defaults apply: OK", config::DEFAULT_CONFIG_PATH),
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                daemon::EX_CONFIG
+            }
+        },
+        Command::Manpage => {
+            let man = clap_mangen::Man::new(Cli::command());
+            let mut out = std::io::stdout();
+            match man.render(&mut out) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("cobbyd: {e}");
+                    1
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cobbyd", &mut std::io::stdout());
+            0
+        }
+        Command::Demo(args) => cobbyd::demo::run(args),
+        Command::Simulate(args) => {
+            cobbyd::logging::init_client();
+            match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(args))) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("cobbyd simulate: {e:#}");
+                    1
+                }
+            }
+        }
+        command => client_command(cli.config, cli.socket, command),
+    }
+}
+
+/// Commands that talk to a running daemon.
+fn client_command(
+    config_path: Option<std::path::PathBuf>,
+    socket: Option<std::path::PathBuf>,
+    command: Command,
+) -> u8 {
+    cobbyd::logging::init_client();
+    let socket = match socket {
+        Some(s) => s,
+        None => match config::load(config_path.as_deref()) {
+            Ok(l) => l.config.daemon.socket,
+            Err(e) => {
+                eprintln!("cobbyd: {e}");
+                return daemon::EX_CONFIG;
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cobbyd: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let client = Client::new(&socket);
+    runtime.block_on(async {
+        match &command {
+            Command::Status(a) => commands::status(&client, a).await,
+            Command::Shop(c) => commands::shop(&client, c).await,
+            Command::Sync(a) => commands::sync(&client, a).await,
+            Command::Products(a) => commands::products(&client, a).await,
+            _ => 2,
+        }
+    })
+}

@@ -112,7 +112,12 @@ impl Credentials {
                 consumer_secret,
                 access_token,
                 access_token_secret,
-            } => vec![consumer_key, consumer_secret, access_token, access_token_secret],
+            } => vec![
+                consumer_key,
+                consumer_secret,
+                access_token,
+                access_token_secret,
+            ],
             Credentials::M2Bearer { access_token } => vec![access_token],
             Credentials::M1 { api_key, .. } => vec![api_key],
         }
@@ -130,15 +135,25 @@ impl Credentials {
         if text.len() > MAX {
             return Err(ValidationError::new(
                 "credentials",
-                format!("the credentials file is {} bytes; at most {MAX} are read", text.len()),
+                format!(
+                    "the credentials file is {} bytes; at most {MAX} are read",
+                    text.len()
+                ),
             ));
         }
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ValidationError::new(
-                "credentials",
-                format!("not valid TOML: {}", e.message()),
-            )
+            ValidationError::new("credentials", format!("not valid TOML: {}", e.message()))
         })?;
+        Self::from_table(&table, platform, auth)
+    }
+
+    /// Builds credentials from key/value pairs (a parsed TOML file, or the
+    /// JSON object the control socket receives), with the same checks.
+    pub fn from_table(
+        table: &toml::Table,
+        platform: Platform,
+        auth: AuthMode,
+    ) -> Result<Credentials, ValidationError> {
         let expected: &[&str] = match (platform, auth) {
             (Platform::Magento1, _) => &["api_user", "api_key"],
             (Platform::Magento2, AuthMode::Oauth) => &[
@@ -253,7 +268,10 @@ pub fn validate_url(raw: &str) -> Result<String, ValidationError> {
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(ValidationError::new(
             "url",
-            format!("scheme {:?} is not supported: use https:// (or http://)", url.scheme()),
+            format!(
+                "scheme {:?} is not supported: use https:// (or http://)",
+                url.scheme()
+            ),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -266,7 +284,10 @@ pub fn validate_url(raw: &str) -> Result<String, ValidationError> {
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(ValidationError::new("url", "must not have a query or fragment"));
+        return Err(ValidationError::new(
+            "url",
+            "must not have a query or fragment",
+        ));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
@@ -356,8 +377,14 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(validate_url("https://x.example/").unwrap(), "https://x.example");
-        assert_eq!(validate_url("http://127.0.0.1:8080/shop/").unwrap(), "http://127.0.0.1:8080/shop");
+        assert_eq!(
+            validate_url("https://x.example/").unwrap(),
+            "https://x.example"
+        );
+        assert_eq!(
+            validate_url("http://127.0.0.1:8080/shop/").unwrap(),
+            "http://127.0.0.1:8080/shop"
+        );
         assert!(validate_url("ftp://x").is_err());
         assert!(validate_url("https://u:p@x").is_err());
         assert!(validate_url(" https://x").is_err());
@@ -370,8 +397,20 @@ mod tests {
         assert_eq!(err.field, "api_key");
         assert!(err.to_string().contains("white space"));
         assert!(!err.to_string().contains("s3cr3t"));
-        let ok = Credentials::parse_toml("access_token = \"abcdefghijklmnop\"", Platform::Magento2, AuthMode::Bearer).unwrap();
+        let ok = Credentials::parse_toml(
+            "access_token = \"abcdefghijklmnop\"",
+            Platform::Magento2,
+            AuthMode::Bearer,
+        )
+        .unwrap();
         assert_eq!(format!("{ok:?}"), r#"{"access_token":"****mnop"}"#);
-        assert!(Credentials::parse_toml("access_token = \"a\"\nx = \"y\"", Platform::Magento2, AuthMode::Bearer).is_err());
+        assert!(
+            Credentials::parse_toml(
+                "access_token = \"a\"\nx = \"y\"",
+                Platform::Magento2,
+                AuthMode::Bearer
+            )
+            .is_err()
+        );
     }
 }

@@ -1,1 +1,832 @@
-//! (to be written)
+//! The Magento 1 (OpenMage) XML-RPC client: one API session per shop,
+//! renewed transparently when the shop expires it (fault 5), the endpoint
+//! found under `/api/xmlrpc/` or `/index.php/api/xmlrpc/`, and every fault
+//! and HTTP answer classified into a [`ShopError`].
+//!
+//! The session id is a credential: it is kept as a [`Secret`] and never
+//! logged, like the API key.
+
+use super::http;
+use super::xmlrpc::{self, Fault, Value, XmlRpcError};
+use super::{ClientOptions, FailureKind, ProbeInfo, ShopError};
+use crate::secret::Secret;
+use crate::shop::{Credentials, Platform, ShopRecord};
+use bytes::Bytes;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+use tracing::debug;
+
+/// The two places the XML-RPC endpoint lives: with URL rewrites, and without.
+const ENDPOINTS: [&str; 2] = ["api/xmlrpc/", "index.php/api/xmlrpc/"];
+
+/// Longest fault text kept in an error.
+const MAX_MESSAGE: usize = 500;
+
+/// Magento's "Session expired. Try to relogin." fault.
+const FAULT_SESSION_EXPIRED: i64 = 5;
+
+struct Inner {
+    shop: String,
+    http: reqwest::Client,
+    /// Shop URL without trailing slash.
+    base: String,
+    api_user: String,
+    api_key: Secret,
+    opts: ClientOptions,
+    /// 0 while unknown, else 1 + index into [`ENDPOINTS`].
+    endpoint: AtomicUsize,
+    /// The API session, shared by all clones; held while logging in so that
+    /// concurrent calls wait for one login instead of making their own.
+    session: tokio::sync::Mutex<Option<Secret>>,
+}
+
+/// A Magento 1 shop. Cheap to clone (one `Arc`); clones share the session.
+#[derive(Clone)]
+pub struct M1Client {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for M1Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("M1Client")
+            .field("shop", &self.inner.shop)
+            .field("base", &self.inner.base)
+            .field("api_user", &self.inner.api_user)
+            .field("endpoint", &self.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One HTTP exchange, before classification.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl M1Client {
+    /// A client for the shop at `base_url` (`shop` names it in logs).
+    pub fn new(
+        shop: &str,
+        base_url: &str,
+        api_user: &str,
+        api_key: Secret,
+        opts: &ClientOptions,
+    ) -> Result<Self, ShopError> {
+        let parsed = url::Url::parse(base_url).map_err(|e| {
+            ShopError::new(
+                FailureKind::Protocol,
+                format!("invalid shop URL {base_url:?}: {e}"),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(ShopError::new(
+                FailureKind::Protocol,
+                format!("invalid shop URL {base_url:?}: needs http(s):// and a host"),
+            ));
+        }
+        Ok(M1Client {
+            inner: Arc::new(Inner {
+                shop: shop.to_string(),
+                http: http::build_client(opts)?,
+                base: base_url.trim_end_matches('/').to_string(),
+                api_user: api_user.to_string(),
+                api_key,
+                opts: opts.clone(),
+                endpoint: AtomicUsize::new(0),
+                session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// A client for a registered Magento 1 shop.
+    pub fn from_record(rec: &ShopRecord, opts: &ClientOptions) -> Result<Self, ShopError> {
+        match (&rec.platform, &rec.credentials) {
+            (Platform::Magento1, Credentials::M1 { api_user, api_key }) => {
+                M1Client::new(&rec.name, &rec.url, api_user, api_key.clone(), opts)
+            }
+            _ => Err(ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "shop {} is not a Magento 1 shop with Magento 1 credentials",
+                    rec.name
+                ),
+            )),
+        }
+    }
+
+    /// The endpoint URL, once a request has shown which one the shop routes.
+    pub fn endpoint(&self) -> Option<String> {
+        match self.inner.endpoint.load(Ordering::Relaxed) {
+            // Only 1 and 2 are ever stored.
+            i @ (1 | 2) => Some(format!("{}/{}", self.inner.base, ENDPOINTS[i - 1])),
+            _ => None,
+        }
+    }
+
+    /// Proves the shop answers and accepts the API user: logs in when there
+    /// is no session yet, then asks `core_magento.info` for the version.
+    pub async fn probe(&self) -> Result<ProbeInfo, ShopError> {
+        let info = self.call("core_magento.info", Vec::new()).await?;
+        let version = ["magento_edition", "magento_version"]
+            .iter()
+            .filter_map(|k| info.get(k).and_then(Value::as_str))
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(ProbeInfo {
+            version: (!version.is_empty()).then_some(version),
+            product_count: None,
+            api_base: self
+                .endpoint()
+                .unwrap_or_else(|| format!("{}/{}", self.inner.base, ENDPOINTS[0])),
+        })
+    }
+
+    /// `call(session, method, args)`. A fault is classified (fault 2 names
+    /// the method whose resource the role lacks); an expired session is
+    /// renewed once and the call repeated.
+    pub async fn call(&self, method: &str, args: Vec<Value>) -> Result<Value, ShopError> {
+        let args = Value::Array(args);
+        self.with_session("call", method, |sid| {
+            vec![Value::str(sid), Value::str(method), args.clone()]
+        })
+        .await
+    }
+
+    /// `multiCall(session, [[method, args], ...])`: one result per call, in
+    /// order; a call that failed comes back as its [`Fault`] (the other calls
+    /// still ran).
+    pub async fn multi_call(
+        &self,
+        calls: Vec<(String, Vec<Value>)>,
+    ) -> Result<Vec<Result<Value, Fault>>, ShopError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = calls.len();
+        let payload = Value::Array(
+            calls
+                .into_iter()
+                .map(|(m, args)| Value::Array(vec![Value::String(m), Value::Array(args)]))
+                .collect(),
+        );
+        let answer = self
+            .with_session("multiCall", "multiCall", |sid| {
+                vec![Value::str(sid), payload.clone()]
+            })
+            .await?;
+        match answer {
+            Value::Array(items) if items.len() == n => Ok(items
+                .into_iter()
+                .map(|item| match Fault::from_value(&item) {
+                    Some(f) => Err(f),
+                    None => Ok(item),
+                })
+                .collect()),
+            Value::Array(items) => Err(ShopError::new(
+                FailureKind::Protocol,
+                format!("multiCall answered {} results for {n} calls", items.len()),
+            )),
+            _ => Err(ShopError::new(
+                FailureKind::Protocol,
+                "multiCall did not answer a list",
+            )),
+        }
+    }
+
+    /// Ends the session at the shop (best effort) and forgets it.
+    pub async fn end_session(&self) {
+        let Some(sid) = self.inner.session.lock().await.take() else {
+            return;
+        };
+        let r = self
+            .post("endSession", vec![Value::str(sid.expose())])
+            .await;
+        debug!(shop = %self.inner.shop, ok = matches!(r, Ok(Ok(_))), "magento1 session ended");
+    }
+
+    /// `catalog_product.list(filters[, store])`: every matching product (no
+    /// paging: narrow large catalogs with a `product_id` range filter).
+    /// Pass `Value::Struct(vec![])` for no filter (nil is never sent).
+    pub async fn list_products(
+        &self,
+        filters: Value,
+        store: Option<&str>,
+    ) -> Result<Vec<Value>, ShopError> {
+        let mut args = vec![filters];
+        if let Some(s) = store {
+            args.push(Value::str(s));
+        }
+        match self.call("catalog_product.list", args).await? {
+            Value::Array(items) => Ok(items),
+            _ => Err(ShopError::new(
+                FailureKind::Protocol,
+                "catalog_product.list did not answer a list",
+            )),
+        }
+    }
+
+    /// The current session, logging in when there is none.
+    async fn session(&self) -> Result<Secret, ShopError> {
+        let mut guard = self.inner.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self.login().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Forgets `stale` unless another task already replaced it.
+    async fn forget(&self, stale: &Secret) {
+        let mut guard = self.inner.session.lock().await;
+        if guard.as_ref() == Some(stale) {
+            *guard = None;
+        }
+    }
+
+    async fn login(&self) -> Result<Secret, ShopError> {
+        let params = vec![
+            Value::str(self.inner.api_user.as_str()),
+            Value::str(self.inner.api_key.expose()),
+        ];
+        match self.post("login", params).await? {
+            Ok(Value::String(s)) if !s.trim().is_empty() => {
+                debug!(shop = %self.inner.shop, "magento1 logged in");
+                Ok(Secret::new(s))
+            }
+            Ok(_) => Err(ShopError::new(
+                FailureKind::Protocol,
+                "login did not answer a session id",
+            )),
+            Err(f) if f.code == 2 => Err(ShopError::new(
+                FailureKind::Unauthorized,
+                format!(
+                    "Access denied: API user name or key wrong, or the user was deleted (fault 2: {})",
+                    truncate(&f.message)
+                ),
+            )),
+            Err(f) => Err(map_fault("login", &f)),
+        }
+    }
+
+    /// Runs `rpc` (`call` or `multiCall`), whose first parameter is the
+    /// session; on fault 5 logs in again once and repeats it. `label` names
+    /// the API method in errors.
+    async fn with_session(
+        &self,
+        rpc: &str,
+        label: &str,
+        build: impl Fn(&str) -> Vec<Value>,
+    ) -> Result<Value, ShopError> {
+        let mut expired_once = false;
+        loop {
+            let sid = self.session().await?;
+            match self.post(rpc, build(sid.expose())).await? {
+                Ok(v) => return Ok(v),
+                Err(f) if f.code == FAULT_SESSION_EXPIRED => {
+                    self.forget(&sid).await;
+                    if expired_once {
+                        return Err(ShopError::new(
+                            FailureKind::Session,
+                            format!(
+                                "the session expired again right after a new login ({})",
+                                truncate(&f.to_string())
+                            ),
+                        ));
+                    }
+                    debug!(shop = %self.inner.shop, "magento1 session expired; logging in again");
+                    expired_once = true;
+                }
+                Err(f) => return Err(map_fault(label, &f)),
+            }
+        }
+    }
+
+    /// One XML-RPC request: the decoded answer (value or fault), or the
+    /// classified failure. Finds the endpoint on the first request (plain
+    /// first, `index.php/` when that answers 404 or a non-XML-RPC 2xx) and
+    /// sticks to it once the API has answered.
+    async fn post(&self, rpc: &str, params: Vec<Value>) -> Result<Result<Value, Fault>, ShopError> {
+        let xml = xmlrpc::encode_call(rpc, &params)
+            .map_err(|e| ShopError::new(FailureKind::Protocol, e.to_string()))?;
+        let body = Bytes::from(xml);
+        let cached = self.inner.endpoint.load(Ordering::Relaxed);
+        let candidates: &[usize] = if cached == 0 { &[1, 2] } else { &[cached] };
+        let mut first_failure: Option<ShopError> = None;
+        for &p in candidates {
+            let a = self.send(ENDPOINTS[p - 1], rpc, body.clone()).await?;
+            let decoded = xmlrpc::decode_response(&a.body);
+            let is_2xx = (200..300).contains(&a.status);
+            let not_here = a.status == 404
+                || (is_2xx && matches!(decoded, Err(XmlRpcError::NotXmlRpc { .. })));
+            if decoded.is_ok() {
+                self.inner.endpoint.store(p, Ordering::Relaxed);
+            } else if not_here && cached != 0 {
+                // The shop's routing changed: discover again next time.
+                let _ = self.inner.endpoint.compare_exchange(
+                    cached,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            let result = classify(&a, decoded);
+            if not_here && cached == 0 {
+                match first_failure.take() {
+                    None => {
+                        first_failure = result.err();
+                        continue;
+                    }
+                    Some(mut first) => {
+                        first
+                            .message
+                            .push_str(" (also tried /index.php/api/xmlrpc/)");
+                        return Err(first);
+                    }
+                }
+            }
+            return result;
+        }
+        // Unreachable in practice: the loop returns on its last candidate.
+        Err(first_failure
+            .unwrap_or_else(|| ShopError::new(FailureKind::Protocol, "no endpoint to try")))
+    }
+
+    async fn send(&self, endpoint: &str, rpc: &str, body: Bytes) -> Result<Answer, ShopError> {
+        let inner = &*self.inner;
+        let url = format!("{}/{}", inner.base, endpoint);
+        let started = Instant::now();
+        let mut resp = inner
+            .http
+            .post(&url)
+            .header(CONTENT_TYPE, "text/xml; charset=utf-8")
+            .header(ACCEPT, "text/xml")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| http::classify_send_error(&e, &inner.opts))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = http::read_body(&mut resp, &inner.opts).await?;
+        debug!(
+            shop = %inner.shop,
+            endpoint,
+            rpc,
+            status,
+            bytes = body.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "magento1 request"
+        );
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s.to_string();
+    }
+    let mut cut = MAX_MESSAGE;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &s[..cut])
+}
+
+/// A fault of a call (not of login) as a [`ShopError`].
+fn map_fault(method: &str, f: &Fault) -> ShopError {
+    let text = truncate(&f.to_string());
+    let (kind, message) = match f.code {
+        2 => (
+            FailureKind::ForbiddenResource,
+            format!("the API user's role lacks the resource for {method} ({text})"),
+        ),
+        3 | 4 => (
+            FailureKind::NotApi,
+            format!("the API resource for {method} does not exist: a module is missing ({text})"),
+        ),
+        0 | 1 => (FailureKind::ServerError, format!("{method}: {text}")),
+        FAULT_SESSION_EXPIRED => (FailureKind::Session, format!("{method}: {text}")),
+        _ => (FailureKind::Protocol, format!("{method}: {text}")),
+    };
+    ShopError::new(kind, message)
+}
+
+/// Sorts an answer into a decoded XML-RPC result or a classified failure.
+fn classify(
+    a: &Answer,
+    decoded: Result<Result<Value, Fault>, XmlRpcError>,
+) -> Result<Result<Value, Fault>, ShopError> {
+    let status = a.status;
+    if let Some(e) = http::classify_common(status, &a.headers, decoded.is_ok()) {
+        return Err(e);
+    }
+    let fail = |kind, msg: String| Err(ShopError::new(kind, msg).with_status(status));
+    match (status, decoded) {
+        // PHP setups answer some faults with a 5xx status: the fault says more.
+        (200..=299 | 500..=599, Ok(r)) => Ok(r),
+        (200..=299, Err(XmlRpcError::NotXmlRpc { .. })) => {
+            let what = if http::is_html(&a.headers, &a.body) {
+                "an HTML page"
+            } else if http::shape(&a.body) == http::Shape::Empty {
+                "an empty body"
+            } else {
+                "something else"
+            };
+            fail(
+                FailureKind::NotApi,
+                format!("the URL answered with {what}, not the XML-RPC API"),
+            )
+        }
+        (200..=299, Err(e)) => fail(
+            FailureKind::Protocol,
+            format!("malformed XML-RPC answer: {e}"),
+        ),
+        (404, _) => fail(
+            FailureKind::HttpStatus,
+            "404 Not Found: no XML-RPC API at this URL".to_string(),
+        ),
+        (500..=599, Err(_)) => fail(FailureKind::ServerError, format!("HTTP {status}")),
+        (401 | 403, _) => fail(
+            FailureKind::HttpStatus,
+            format!(
+                "HTTP {status}: the web server refuses the API (a password or an IP rule in front of the shop?)"
+            ),
+        ),
+        (_, _) => fail(FailureKind::HttpStatus, format!("HTTP {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::http::testserver::{self, Answer as Canned, Req, html, response};
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    const KEY: &str = "apikey-secret-0123456789";
+    const SID1: &str = "0123456789abcdef0123456789abcdef";
+    const SID2: &str = "fedcba9876543210fedcba9876543210";
+
+    fn opts() -> ClientOptions {
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            max_body: 64 * 1024,
+        }
+    }
+
+    fn client(addr: std::net::SocketAddr) -> M1Client {
+        M1Client::new(
+            "t",
+            &format!("http://{addr}"),
+            "cobby",
+            Secret::new(KEY),
+            &opts(),
+        )
+        .unwrap()
+    }
+
+    fn rpc(req: &Req) -> (String, Vec<Value>) {
+        xmlrpc::decode_call(&req.body).unwrap()
+    }
+
+    fn ok(v: Value) -> Canned {
+        response("200 OK", "text/xml", &[], &xmlrpc::encode_response(&v))
+    }
+
+    fn fault(code: i64, msg: &str) -> Canned {
+        response("200 OK", "text/xml", &[], &xmlrpc::encode_fault(code, msg))
+    }
+
+    fn no_secrets(e: &ShopError) {
+        let s = format!("{e} {e:?}");
+        for secret in [KEY, SID1, SID2] {
+            assert!(!s.contains(secret), "secret leaked: {s}");
+        }
+    }
+
+    fn info() -> Value {
+        Value::Struct(vec![
+            ("magento_edition".into(), Value::str("Community")),
+            ("magento_version".into(), Value::str("1.9.4.5")),
+        ])
+    }
+
+    /// A shop whose call answers are decided by `on_call(method, args, n)`;
+    /// logins hand out SID1 then SID2.
+    async fn shop<F>(on_call: F) -> (std::net::SocketAddr, testserver::Log)
+    where
+        F: Fn(&str, &str, &[Value]) -> Canned + Send + Sync + 'static,
+    {
+        let logins = Arc::new(Mutex::new(0usize));
+        testserver::serve(move |req, _| {
+            let (name, params) = rpc(req);
+            match name.as_str() {
+                "login" => {
+                    if params[1].as_str() != Some(KEY) {
+                        return fault(2, "Access denied.");
+                    }
+                    let mut n = logins.lock().unwrap();
+                    *n += 1;
+                    ok(Value::str(if *n == 1 { SID1 } else { SID2 }))
+                }
+                "call" => {
+                    let sid = params[0].as_str().unwrap().to_string();
+                    let method = params[1].as_str().unwrap().to_string();
+                    let Value::Array(args) = &params[2] else {
+                        panic!()
+                    };
+                    on_call(&sid, &method, args)
+                }
+                "multiCall" => {
+                    let Value::Array(calls) = &params[1] else {
+                        panic!()
+                    };
+                    let items = calls
+                        .iter()
+                        .map(|c| {
+                            let Value::Array(pair) = c else { panic!() };
+                            let Value::Array(args) = &pair[1] else {
+                                panic!()
+                            };
+                            if args[0].as_str() == Some("missing") {
+                                Value::Struct(vec![
+                                    ("isFault".into(), Value::Bool(true)),
+                                    ("faultCode".into(), Value::str("101")),
+                                    ("faultMessage".into(), Value::str("Product not exists.")),
+                                ])
+                            } else {
+                                Value::Struct(vec![("sku".into(), args[0].clone())])
+                            }
+                        })
+                        .collect();
+                    ok(Value::Array(items))
+                }
+                "endSession" => ok(Value::Bool(true)),
+                other => fault(620, &format!("Method \"{other}\" does not exist")),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn probe_logs_in_once_and_reuses_the_session() {
+        let (addr, log) = shop(|sid, method, _| {
+            assert_eq!(sid, SID1);
+            assert_eq!(method, "core_magento.info");
+            ok(info())
+        })
+        .await;
+        let c = client(addr);
+        let p = c.probe().await.unwrap();
+        assert_eq!(p.version.as_deref(), Some("Community 1.9.4.5"));
+        assert_eq!(p.api_base, format!("http://{addr}/api/xmlrpc/"));
+        c.clone().probe().await.unwrap();
+        let names: Vec<String> = log.lock().unwrap().iter().map(|r| rpc(r).0).collect();
+        assert_eq!(names, ["login", "call", "call"]);
+        let req = log.lock().unwrap()[0].clone();
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.target, "/api/xmlrpc/");
+        assert!(req.header("content-type").unwrap().starts_with("text/xml"));
+        assert!(!format!("{c:?}").contains(KEY));
+    }
+
+    #[tokio::test]
+    async fn expired_session_is_renewed_once() {
+        let (addr, log) = shop(|sid, _, _| {
+            if sid == SID1 {
+                fault(5, "Session expired. Try to relogin.")
+            } else {
+                ok(Value::Array(vec![Value::Struct(vec![(
+                    "product_id".into(),
+                    Value::str("1"),
+                )])]))
+            }
+        })
+        .await;
+        let c = client(addr);
+        let filters = Value::Struct(vec![(
+            "product_id".into(),
+            Value::Struct(vec![
+                ("from".into(), Value::Int(1)),
+                ("to".into(), Value::Int(100)),
+            ]),
+        )]);
+        let items = c
+            .list_products(filters.clone(), Some("default"))
+            .await
+            .unwrap();
+        assert_eq!(items[0].get("product_id").and_then(Value::as_i64), Some(1));
+        let reqs = log.lock().unwrap().clone();
+        let names: Vec<String> = reqs.iter().map(|r| rpc(r).0).collect();
+        assert_eq!(names, ["login", "call", "login", "call"]);
+        let (_, params) = rpc(&reqs[3]);
+        assert_eq!(params[1], Value::str("catalog_product.list"));
+        assert_eq!(
+            params[2],
+            Value::Array(vec![filters, Value::str("default")])
+        );
+    }
+
+    #[tokio::test]
+    async fn expiring_twice_is_a_session_failure() {
+        let (addr, _) = shop(|_, _, _| fault(5, "Session expired. Try to relogin.")).await;
+        let e = client(addr)
+            .call("core_magento.info", vec![])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::Session, "{e}");
+        no_secrets(&e);
+    }
+
+    #[tokio::test]
+    async fn classifies_faults() {
+        // Wrong key at login.
+        let (addr, _) = shop(|_, _, _| ok(info())).await;
+        let c = M1Client::new(
+            "t",
+            &format!("http://{addr}"),
+            "cobby",
+            Secret::new("wrong-key-0123456789"),
+            &opts(),
+        )
+        .unwrap();
+        let e = c.probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::Unauthorized);
+        assert!(
+            e.message
+                .starts_with("Access denied: API user name or key wrong"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("wrong-key"));
+
+        let cases: &[(i64, FailureKind, &str)] = &[
+            (
+                2,
+                FailureKind::ForbiddenResource,
+                "the API user's role lacks the resource for catalog_product.list",
+            ),
+            (3, FailureKind::NotApi, "Invalid api path."),
+            (
+                4,
+                FailureKind::NotApi,
+                "catalog_product.list does not exist",
+            ),
+            (0, FailureKind::ServerError, "fault 0"),
+            (1, FailureKind::ServerError, "Internal Error"),
+            (620, FailureKind::Protocol, "fault 620"),
+            (623, FailureKind::Protocol, "fault 623"),
+            (636, FailureKind::Protocol, "fault 636"),
+            (101, FailureKind::Protocol, "fault 101: Product not exists."),
+        ];
+        for &(code, kind, needle) in cases {
+            let msg = match code {
+                2 => "Access denied.",
+                3 => "Invalid api path.",
+                1 => "Internal Error. Please see log for details.",
+                101 => "Product not exists.",
+                _ => "text",
+            };
+            let (addr, _) = shop(move |_, _, _| fault(code, msg)).await;
+            let e = client(addr)
+                .list_products(Value::Struct(vec![]), None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, kind, "fault {code}: {e}");
+            assert!(e.message.contains(needle), "fault {code}: {e}");
+            no_secrets(&e);
+        }
+    }
+
+    #[tokio::test]
+    async fn multi_call_returns_per_item_faults() {
+        let (addr, log) = shop(|_, _, _| ok(info())).await;
+        let c = client(addr);
+        let r = c
+            .multi_call(vec![
+                ("catalog_product.info".into(), vec![Value::str("A")]),
+                ("catalog_product.info".into(), vec![Value::str("missing")]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r[0].as_ref().unwrap().get("sku"), Some(&Value::str("A")));
+        assert_eq!(
+            r[1],
+            Err(Fault {
+                code: 101,
+                message: "Product not exists.".into()
+            })
+        );
+        assert!(c.multi_call(vec![]).await.unwrap().is_empty());
+        c.end_session().await;
+        c.end_session().await;
+        let names: Vec<String> = log.lock().unwrap().iter().map(|r| rpc(r).0).collect();
+        assert_eq!(names, ["login", "multiCall", "endSession"]);
+    }
+
+    #[tokio::test]
+    async fn never_sends_nil() {
+        let (addr, log) = shop(|_, _, _| ok(info())).await;
+        let c = client(addr);
+        let e = c
+            .call("catalog_product.info", vec![Value::Nil])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::Protocol);
+        assert!(e.message.contains("nil"), "{e}");
+        // Only the login went out.
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_index_php_and_remembers_it() {
+        let (addr, log) = testserver::serve(move |req, _| {
+            if req.target != "/index.php/api/xmlrpc/" {
+                return html("404 Not Found");
+            }
+            match rpc(req).0.as_str() {
+                "login" => ok(Value::str(SID1)),
+                _ => ok(info()),
+            }
+        })
+        .await;
+        let c = client(addr);
+        let p = c.probe().await.unwrap();
+        assert_eq!(p.api_base, format!("http://{addr}/index.php/api/xmlrpc/"));
+        let targets: Vec<String> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.target.clone())
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "/api/xmlrpc/",
+                "/index.php/api/xmlrpc/",
+                "/index.php/api/xmlrpc/"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn http_level_answers() {
+        // 200 HTML everywhere: not the API.
+        let (addr, log) = testserver::serve(|_, _| html("200 OK")).await;
+        let e = client(addr).probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::NotApi, "{e}");
+        assert!(e.message.contains("HTML page, not the XML-RPC API"), "{e}");
+        assert_eq!(log.lock().unwrap().len(), 2);
+        no_secrets(&e);
+        // Maintenance.
+        let (addr, _) = testserver::serve(|_, _| {
+            response(
+                "503 Service Unavailable",
+                "text/html",
+                &[("Retry-After", "60")],
+                "<html>maintenance</html>",
+            )
+        })
+        .await;
+        let e = client(addr).probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::Maintenance, "{e}");
+        assert_eq!(e.retry_after, Some(Duration::from_secs(60)));
+        // Malformed XML-RPC.
+        let (addr, _) = testserver::serve(|_, _| {
+            response("200 OK", "text/xml", &[], "<methodResponse><params><param><value><int>x</int></value></param></params></methodResponse>")
+        })
+        .await;
+        let e = client(addr).probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+        assert!(e.message.contains("bad integer"), "{e}");
+        // Truncated.
+        let (addr, _) = testserver::serve(|_, _| {
+            Canned::Raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 500\r\n\r\n<methodResponse>".to_vec())
+        })
+        .await;
+        let e = client(addr).probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+        assert!(e.message.contains("answer truncated"), "{e}");
+        // A 500 carrying a fault reports the fault.
+        let (addr, _) = testserver::serve(|_, _| {
+            response(
+                "500 Internal Server Error",
+                "text/xml",
+                &[],
+                &xmlrpc::encode_fault(1, "Internal Error. Please see log for details."),
+            )
+        })
+        .await;
+        let e = client(addr).probe().await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::ServerError, "{e}");
+        assert!(e.message.contains("Internal Error"), "{e}");
+    }
+}

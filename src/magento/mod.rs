@@ -3,6 +3,7 @@
 //! [`xmlrpc`]), and the one error type every shop call returns, classified
 //! so that health and status can say what went wrong and what to do.
 
+mod http;
 pub mod m1;
 pub mod m2;
 pub mod oauth;

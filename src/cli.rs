@@ -1,0 +1,181 @@
+//! The command line: one binary, subcommands. The definitions here also
+//! generate the man page and shell completions (`cobbyd manpage`,
+//! `cobbyd completions SHELL`), so they stay in step with the code.
+
+use crate::shop::{AuthMode, Platform};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Keeps Magento shops connected and their product catalogs mirrored.
+///
+/// `cobbyd run` is the daemon (what systemd starts). Every other command is
+/// a client that talks to it over its control socket, except `check-config`,
+/// `demo`, `simulate`, `manpage` and `completions`.
+#[derive(Debug, Parser)]
+#[command(name = "cobbyd", version, about, long_about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file. When not given, /etc/cobbyd/cobbyd.toml is read if
+    /// it exists, else built-in defaults apply.
+    #[arg(long, global = true, value_name = "PATH", env = "COBBYD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Control socket of the daemon (default: the config's daemon.socket).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run,
+    /// Validate the configuration; exit 0, or 78 with `file: key: problem`.
+    CheckConfig,
+    /// Show the daemon's and every shop's health.
+    ///
+    /// Exit status: 0 every shop healthy; 1 running, some shop not healthy;
+    /// 3 daemon not running or socket unreachable; 4 permission denied or
+    /// a protocol error.
+    Status(StatusArgs),
+    /// Register, inspect, test, rotate and remove shops.
+    #[command(subcommand)]
+    Shop(ShopCommand),
+    /// Start a sync of a shop now.
+    Sync(SyncArgs),
+    /// Stream a shop's mirrored catalog to stdout.
+    Products(ProductsArgs),
+    /// Start a simulated shop and a daemon in a temporary directory, add the
+    /// shop, sync it and show the result.
+    Demo(DemoArgs),
+    /// Run the built-in Magento 1 and 2 simulator (for tests, demos and
+    /// benchmarks).
+    Simulate(crate::sim::SimulateArgs),
+    /// Print the man page (roff) to stdout.
+    #[command(hide = true)]
+    Manpage,
+    /// Print a shell completion script to stdout.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this shop.
+    pub shop: Option<String>,
+    /// Stable JSON for scripts instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShopCommand {
+    /// Register a shop. Tests the connection first and refuses a failing
+    /// shop unless --no-verify.
+    Add(ShopAddArgs),
+    /// List registered shops (secrets redacted).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one shop (secrets redacted).
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe a shop now and print the diagnosis; exit 0 if it answers and
+    /// accepts the credentials.
+    Test {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a shop's credentials: tested first, swapped atomically, the
+    /// old ones kept if the test fails.
+    Rotate {
+        name: String,
+        /// TOML file with the new credentials, or - for standard input.
+        #[arg(long, value_name = "PATH|-")]
+        credentials_file: PathBuf,
+    },
+    /// Unregister a shop and stop its jobs.
+    Remove {
+        name: String,
+        /// Also drop the mirrored products.
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ShopAddArgs {
+    /// Name: 1 to 64 characters of a-z, 0-9, '_' and '-'.
+    pub name: String,
+    #[arg(long, value_enum)]
+    pub platform: Platform,
+    /// The shop's base URL, e.g. https://shop.example.com
+    #[arg(long)]
+    pub url: String,
+    /// Store view to mirror (repeatable; default: "default").
+    #[arg(long = "store-code", value_name = "CODE")]
+    pub store_codes: Vec<String>,
+    /// Magento 2 authentication.
+    #[arg(long, value_enum, default_value_t = AuthMode::Oauth)]
+    pub auth: AuthMode,
+    /// TOML file with the credentials, or - for standard input. Magento 2:
+    /// consumer_key, consumer_secret, access_token, access_token_secret
+    /// (bearer: access_token). Magento 1: api_user, api_key.
+    #[arg(long, value_name = "PATH|-")]
+    pub credentials_file: PathBuf,
+    /// Save even if the connection test fails.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    pub name: String,
+    /// A full reconcile (lists every SKU, removes products gone from the shop).
+    #[arg(long)]
+    pub full: bool,
+    /// Follow progress until the run ends; exit non-zero if it failed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// One product per line, exactly as the shop's API returned it.
+    Jsonl,
+    /// Flattened for spreadsheets (RFC 4180, UTF-8).
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ProductsArgs {
+    pub name: String,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    pub format: ExportFormat,
+    /// Store view (default: the shop's first).
+    #[arg(long = "store-code", value_name = "CODE")]
+    pub store_code: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Which kind of shop to simulate.
+    #[arg(long, value_enum, default_value_t = Platform::Magento2)]
+    pub platform: Platform,
+    /// Products in the simulated catalog.
+    #[arg(long, default_value_t = 5000)]
+    pub products: usize,
+    /// Do not keep running after the sync: print the result and exit
+    /// (implied when stdout is not a terminal).
+    #[arg(long)]
+    pub non_interactive: bool,
+}

@@ -1,0 +1,568 @@
+//! The client subcommands: each asks the daemon over the control socket and
+//! prints for people (tables, colour on a terminal) or for scripts
+//! (`--json`). Exit codes: 0 fine; 1 the answer is bad news (a shop
+//! unhealthy, a test failed, a request refused); 3 daemon unreachable;
+//! 4 permission or protocol trouble.
+
+use crate::cli::{ExportFormat, ProductsArgs, ShopAddArgs, ShopCommand, StatusArgs, SyncArgs};
+use crate::control_client::{Answer, Client, ClientError};
+use crate::shop::{AuthMode, Credentials, Platform};
+use hyper::Method;
+use serde_json::{Value, json};
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+use std::time::Duration;
+
+/// Most bytes read from a credentials file or standard input.
+const MAX_CREDENTIALS: u64 = 16 * 1024;
+
+/// Prints an error line and returns its exit code.
+fn fail(e: &ClientError) -> u8 {
+    eprintln!("cobbyd: {e}");
+    e.exit_code()
+}
+
+/// Prints a refused request and returns 1.
+fn refused(a: &Answer) -> u8 {
+    eprintln!("cobbyd: {}", a.error_message());
+    if let Ok(v) = a.json()
+        && let Some(hint) = v["error"]["details"]["hint"].as_str()
+    {
+        eprintln!("hint: {hint}");
+    }
+    1
+}
+
+/// Colours for people; none for pipes or with `NO_COLOR`.
+pub struct Style {
+    on: bool,
+}
+
+impl Style {
+    pub fn detect() -> Style {
+        Style {
+            on: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.on { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+
+    pub fn state(&self, state: &str) -> String {
+        let code = match state {
+            "healthy" => "32",
+            "degraded" | "unknown" => "33",
+            _ => "31;1",
+        };
+        self.paint(code, state)
+    }
+
+    pub fn dim(&self, s: &str) -> String {
+        self.paint("2", s)
+    }
+
+    pub fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
+}
+
+/// "3 min ago" / "in 48 s" for an RFC 3339 time.
+pub fn relative(ts: Option<&str>) -> String {
+    let Some(t) = ts.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok()) else {
+        return "-".into();
+    };
+    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds();
+    let (n, future) = if secs < 0 { (-secs, true) } else { (secs, false) };
+    let span = match n {
+        0..=1 => return if future { "now".into() } else { "just now".into() },
+        2..=89 => format!("{n} s"),
+        90..=5399 => format!("{} min", (n + 30) / 60),
+        5400..=129_599 => format!("{} h", (n + 1800) / 3600),
+        _ => format!("{} d", (n + 43_200) / 86_400),
+    };
+    if future { format!("in {span}") } else { format!("{span} ago") }
+}
+
+/// 12345 → "12,345".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// The one-cell summary of a shop's sync.
+pub fn sync_cell(sync: &Value) -> String {
+    if let Some(p) = sync.get("progress").filter(|p| !p.is_null()) {
+        let done = p["done"].as_u64().unwrap_or(0);
+        let rate = p["rate_per_s"].as_f64().unwrap_or(0.0);
+        let mut s = format!("{} {}", p["kind"].as_str().unwrap_or("sync"), p["phase"].as_str().unwrap_or(""));
+        match (p["percent"].as_f64(), p["total"].as_u64()) {
+            (Some(pc), Some(total)) => s.push_str(&format!(" {pc:.0}% ({}/{})", thousands(done), thousands(total))),
+            _ => s.push_str(&format!(" {}", thousands(done))),
+        }
+        s.push_str(&format!(", {}/s", thousands(rate as u64)));
+        if let Some(eta) = p["eta_s"].as_u64() {
+            s.push_str(&format!(", ETA {}", uptime(eta)));
+        }
+        return s;
+    }
+    let state = sync["state"].as_str().unwrap_or("idle");
+    match sync.get("last_run").filter(|r| !r.is_null()) {
+        Some(r) => format!(
+            "{state}, last {} {}",
+            r["outcome"].as_str().unwrap_or("?"),
+            relative(r["ended_at"].as_str())
+        ),
+        None => format!("{state}, never synced"),
+    }
+}
+
+/// Renders `/v1/status` as a table for people.
+pub fn render_status(v: &Value, style: &Style) -> String {
+    let d = &v["daemon"];
+    let shops = v["shops"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "{} {} · pid {} · up {} · {} shop{} · state {}\n",
+        style.bold("cobbyd"),
+        d["version"].as_str().unwrap_or("?"),
+        d["pid"],
+        uptime(d["uptime_s"].as_u64().unwrap_or(0)),
+        shops.len(),
+        if shops.len() == 1 { "" } else { "s" },
+        d["state_dir"].as_str().unwrap_or("?"),
+    );
+    if shops.is_empty() {
+        out.push_str("\nNo shops yet. Add one with `cobbyd shop add NAME --platform magento2 --url URL --credentials-file FILE`.\n");
+        return out;
+    }
+    let header = ["SHOP", "PLATFORM", "STATE", "SINCE", "LAST PROBE", "NEXT PROBE", "PRODUCTS", "SYNC"];
+    let rows: Vec<[String; 8]> = shops
+        .iter()
+        .map(|s| {
+            [
+                s["name"].as_str().unwrap_or("?").to_string(),
+                s["platform"].as_str().unwrap_or("?").to_string(),
+                s["state"].as_str().unwrap_or("?").to_string(),
+                relative(s["state_since"].as_str()),
+                relative(s["last_probe"].as_str()),
+                relative(s["next_probe"].as_str()),
+                thousands(s["sync"]["products"].as_u64().unwrap_or(0)),
+                sync_cell(&s["sync"]),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    out.push('\n');
+    let line = |cells: Vec<String>, raw: &[String]| -> String {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(raw[i].chars().count());
+            l.push_str(c);
+            if i + 1 < cells.len() {
+                l.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        l.push('\n');
+        l
+    };
+    let h: Vec<String> = header.iter().map(|s| s.to_string()).collect();
+    out.push_str(&line(h.iter().map(|s| style.dim(s)).collect(), &h));
+    for (r, s) in rows.iter().zip(&shops) {
+        let mut cells: Vec<String> = r.to_vec();
+        cells[2] = style.state(&r[2]);
+        out.push_str(&line(cells, r));
+        if let Some(p) = s.get("problem").filter(|p| !p.is_null()) {
+            out.push_str(&format!(
+                "  ↳ {}: {} ({} attempt{}, since {})\n    hint: {}\n",
+                p["kind"].as_str().unwrap_or("?"),
+                p["message"].as_str().unwrap_or(""),
+                p["attempts"],
+                if p["attempts"].as_u64() == Some(1) { "" } else { "s" },
+                relative(p["since"].as_str()),
+                p["hint"].as_str().unwrap_or(""),
+            ));
+        }
+        if let Some(e) = s["sync"].get("last_error").filter(|e| !e.is_null()) {
+            out.push_str(&format!(
+                "  ↳ last sync failed: {}: {}\n",
+                e["kind"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out
+}
+
+/// `cobbyd status`.
+pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
+    let path = match &args.shop {
+        Some(s) => format!("/v1/status?shop={}", crate::magento::oauth::encode(s)),
+        None => "/v1/status".into(),
+    };
+    let a = match client.get(&path).await {
+        Ok(a) => a,
+        Err(e) => return fail(&e),
+    };
+    if !a.status.is_success() {
+        eprintln!("cobbyd: {}", a.error_message());
+        return if a.status == hyper::StatusCode::NOT_FOUND { 1 } else { 4 };
+    }
+    let v = match a.json() {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", render_status(&v, &Style::detect()));
+    }
+    let unhealthy: Vec<&str> = v["shops"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter(|s| s["state"] != "healthy")
+                .filter_map(|s| s["name"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if unhealthy.is_empty() {
+        0
+    } else {
+        eprintln!("cobbyd: not healthy: {}", unhealthy.join(", "));
+        1
+    }
+}
+
+/// Reads credentials from a file or `-` (stdin), bounded.
+pub fn read_credentials(path: &Path) -> Result<String, String> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .take(MAX_CREDENTIALS + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("reading credentials from standard input: {e}"))?;
+    } else {
+        let f = std::fs::File::open(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+        if let Ok(meta) = f.metadata() {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "cobbyd: warning: {} is readable by other users; `chmod 600` it",
+                    path.display()
+                );
+            }
+        }
+        f.take(MAX_CREDENTIALS + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    }
+    if text.len() as u64 > MAX_CREDENTIALS {
+        return Err(format!("credentials: more than {MAX_CREDENTIALS} bytes; is this the right file?"));
+    }
+    Ok(text)
+}
+
+/// Validates credentials locally (clear errors before any network) and
+/// returns them as the JSON object the daemon takes.
+fn credentials_json(path: &Path, platform: Platform, auth: AuthMode) -> Result<Value, String> {
+    let text = read_credentials(path)?;
+    Credentials::parse_toml(&text, platform, auth).map_err(|e| format!("credentials: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
+    serde_json::to_value(table).map_err(|e| e.to_string())
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `cobbyd shop ...`.
+pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
+    match cmd {
+        ShopCommand::Add(a) => shop_add(client, a).await,
+        ShopCommand::List { json } => {
+            let a = match client.get("/v1/shops").await {
+                Ok(a) => a,
+                Err(e) => return fail(&e),
+            };
+            if !a.status.is_success() {
+                return refused(&a);
+            }
+            let v = match a.json() {
+                Ok(v) => v,
+                Err(e) => return fail(&e),
+            };
+            if *json {
+                print_json(&v);
+            } else {
+                let shops = v["shops"].as_array().cloned().unwrap_or_default();
+                if shops.is_empty() {
+                    println!("No shops registered.");
+                }
+                for s in shops {
+                    println!(
+                        "{:<20} {:<9} {:<7} {}  stores: {}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["platform"].as_str().unwrap_or("?"),
+                        s["auth"].as_str().unwrap_or("?"),
+                        s["url"].as_str().unwrap_or("?"),
+                        s["store_codes"].as_array().map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default()
+                    );
+                }
+            }
+            0
+        }
+        ShopCommand::Show { name, json } => {
+            let a = match client.get(&format!("/v1/shops/{}", crate::magento::oauth::encode(name))).await {
+                Ok(a) => a,
+                Err(e) => return fail(&e),
+            };
+            if !a.status.is_success() {
+                return refused(&a);
+            }
+            let v = match a.json() {
+                Ok(v) => v,
+                Err(e) => return fail(&e),
+            };
+            if *json {
+                print_json(&v);
+            } else {
+                let mut shown = v.clone();
+                if let Some(o) = shown.as_object_mut() {
+                    o.remove("status");
+                }
+                for (k, val) in shown.as_object().into_iter().flatten() {
+                    println!("{k:<12} {}", if val.is_string() { val.as_str().unwrap_or("").to_string() } else { val.to_string() });
+                }
+                let status = json!({"daemon": {}, "shops": [v["status"].clone()]});
+                let table = render_status(&status, &Style::detect());
+                println!("{}", table.split_once('\n').map(|x| x.1).unwrap_or(""));
+            }
+            0
+        }
+        ShopCommand::Test { name, json } => {
+            let a = match client
+                .request(Method::POST, &format!("/v1/shops/{}/test", crate::magento::oauth::encode(name)), Some(&json!({})))
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => return fail(&e),
+            };
+            if !a.status.is_success() {
+                return refused(&a);
+            }
+            let v = match a.json() {
+                Ok(v) => v,
+                Err(e) => return fail(&e),
+            };
+            let ok = v["ok"].as_bool() == Some(true);
+            if *json {
+                print_json(&v);
+            } else if ok {
+                println!(
+                    "{name}: OK — the shop answers and accepts the credentials ({} ms{}{})",
+                    v["latency_ms"],
+                    v["version"].as_str().map(|s| format!(", Magento {s}")).unwrap_or_default(),
+                    v["product_count"].as_u64().map(|n| format!(", {} products visible", thousands(n))).unwrap_or_default(),
+                );
+            } else {
+                let p = &v["problem"];
+                println!("{name}: {} — {}: {}", v["state"].as_str().unwrap_or("?"), p["kind"].as_str().unwrap_or("?"), p["message"].as_str().unwrap_or(""));
+                println!("hint: {}", p["hint"].as_str().unwrap_or(""));
+            }
+            if ok { 0 } else { 1 }
+        }
+        ShopCommand::Rotate { name, credentials_file } => {
+            let shown = match client.get(&format!("/v1/shops/{}", crate::magento::oauth::encode(name))).await {
+                Ok(a) if a.status.is_success() => a,
+                Ok(a) => return refused(&a),
+                Err(e) => return fail(&e),
+            };
+            let v = shown.json().unwrap_or_default();
+            let platform = if v["platform"] == "magento1" { Platform::Magento1 } else { Platform::Magento2 };
+            let auth = if v["auth"] == "bearer" { AuthMode::Bearer } else { AuthMode::Oauth };
+            let creds = match credentials_json(credentials_file, platform, auth) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("cobbyd: {e}");
+                    return 1;
+                }
+            };
+            match client
+                .request(Method::PUT, &format!("/v1/shops/{}/credentials", crate::magento::oauth::encode(name)), Some(&json!({"credentials": creds})))
+                .await
+            {
+                Ok(a) if a.status.is_success() => {
+                    println!("{name}: new credentials tested and in use; the old ones are gone.");
+                    0
+                }
+                Ok(a) => refused(&a),
+                Err(e) => fail(&e),
+            }
+        }
+        ShopCommand::Remove { name, purge } => {
+            match client
+                .request(Method::DELETE, &format!("/v1/shops/{}?purge={purge}", crate::magento::oauth::encode(name)), None)
+                .await
+            {
+                Ok(a) if a.status.is_success() => {
+                    println!(
+                        "{name}: removed{}",
+                        if *purge { ", mirrored products dropped" } else { " (mirrored products kept; --purge drops them)" }
+                    );
+                    0
+                }
+                Ok(a) => refused(&a),
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
+    if let Err(e) = crate::shop::validate_name(&a.name) {
+        eprintln!("cobbyd: {e}");
+        return 1;
+    }
+    if let Err(e) = crate::shop::validate_url(&a.url) {
+        eprintln!("cobbyd: {e}");
+        return 1;
+    }
+    let creds = match credentials_json(&a.credentials_file, a.platform, a.auth) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cobbyd: {e}");
+            return 1;
+        }
+    };
+    let body = json!({
+        "name": a.name, "platform": a.platform, "url": a.url, "store_codes": a.store_codes,
+        "auth": a.auth, "credentials": creds, "no_verify": a.no_verify,
+    });
+    match client.request(Method::POST, "/v1/shops", Some(&body)).await {
+        Ok(ans) if ans.status.is_success() => {
+            let v = ans.json().unwrap_or_default();
+            println!(
+                "{}: added ({}), state {}{}",
+                a.name,
+                a.platform,
+                v["state"].as_str().unwrap_or("unknown"),
+                if a.no_verify { " (not verified)" } else { "; first sync starts now" }
+            );
+            0
+        }
+        Ok(ans) => refused(&ans),
+        Err(e) => fail(&e),
+    }
+}
+
+/// `cobbyd sync NAME [--full] [--wait]`.
+pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
+    let name = crate::magento::oauth::encode(&args.name);
+    let before = match client.get(&format!("/v1/status?shop={name}")).await {
+        Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
+        Ok(a) => return refused(&a),
+        Err(e) => return fail(&e),
+    };
+    let last_before = before["shops"][0]["sync"]["last_run"]["run_id"].as_u64().unwrap_or(0);
+    let running_before = before["shops"][0]["sync"]["progress"]["run_id"].as_u64();
+    match client.request(Method::POST, &format!("/v1/shops/{name}/sync"), Some(&json!({"full": args.full}))).await {
+        Ok(a) if a.status.is_success() => {}
+        Ok(a) => return refused(&a),
+        Err(e) => return fail(&e),
+    }
+    if !args.wait {
+        println!("{}: {} sync scheduled", args.name, if args.full { "full" } else { "incremental" });
+        return 0;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v = match client.get(&format!("/v1/status?shop={name}")).await {
+            Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
+            Ok(a) => return refused(&a),
+            Err(e) => return fail(&e),
+        };
+        let sync = &v["shops"][0]["sync"];
+        let last = &sync["last_run"];
+        let last_id = last["run_id"].as_u64().unwrap_or(0);
+        // Done when a run newer than the one running at request time ended
+        // (a run already running when we asked may not include our request).
+        let finished = last_id > last_before && Some(last_id) != running_before.filter(|_| false) && sync["progress"].is_null()
+            && (running_before.is_none() || last_id > running_before.unwrap_or(0));
+        let line = sync_cell(sync);
+        if line != last_line {
+            if tty {
+                eprint!("\r\x1b[2K{}: {line}", args.name);
+            } else {
+                eprintln!("{}: {line}", args.name);
+            }
+            last_line = line;
+        }
+        if finished && sync["state"] == "idle" {
+            if tty {
+                eprintln!();
+            }
+            let ok = last["outcome"] == "ok";
+            println!(
+                "{}: sync {} — {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
+                args.name,
+                last["outcome"].as_str().unwrap_or("?"),
+                last["fetched"], last["created"], last["updated"], last["unchanged"], last["deleted"], last["requests"],
+                last["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            );
+            if !ok {
+                if let Some(e) = last.get("error").filter(|e| !e.is_null()) {
+                    eprintln!("cobbyd: {}: {}", e["kind"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or(""));
+                    if let Some(h) = e["hint"].as_str() {
+                        eprintln!("hint: {h}");
+                    }
+                }
+                return 1;
+            }
+            return 0;
+        }
+    }
+}
+
+/// `cobbyd products NAME`.
+pub async fn products(client: &Client, args: &ProductsArgs) -> u8 {
+    let mut path = format!(
+        "/v1/shops/{}/products?format={}",
+        crate::magento::oauth::encode(&args.name),
+        match args.format {
+            ExportFormat::Jsonl => "jsonl",
+            ExportFormat::Csv => "csv",
+        }
+    );
+    if let Some(c) = &args.store_code {
+        path.push_str(&format!("&store_code={}", crate::magento::oauth::encode(c)));
+    }
+    let mut out = tokio::io::stdout();
+    match client.stream_to(&path, &mut out).await {
+        Ok(Ok(())) => 0,
+        Ok(Err(a)) => refused(&a),
+        Err(e) => fail(&e),
+    }
+}

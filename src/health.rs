@@ -1,0 +1,194 @@
+//! The health model of a shop: states, the problem record status shows,
+//! operator hints per failure kind, and the retry policy (exponential
+//! backoff with jitter from the `backoff` crate; credential failures wait at
+//! the slow end).
+
+use crate::magento::{FailureKind, ShopError};
+use crate::shop::Platform;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Health states; the names are the status JSON contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShopState {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    Healthy,
+    /// Transient failures; retrying.
+    Degraded,
+    /// Unreachable for longer than `probe.down_after`.
+    Down,
+    /// Credentials or permissions refused.
+    AuthFailed,
+    /// The URL is not a Magento API.
+    Misconfigured,
+}
+
+impl ShopState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShopState::Unknown => "unknown",
+            ShopState::Healthy => "healthy",
+            ShopState::Degraded => "degraded",
+            ShopState::Down => "down",
+            ShopState::AuthFailed => "auth_failed",
+            ShopState::Misconfigured => "misconfigured",
+        }
+    }
+
+    /// Whether a sync may run in this state.
+    pub fn may_sync(self) -> bool {
+        matches!(self, ShopState::Healthy | ShopState::Degraded | ShopState::Unknown)
+    }
+}
+
+/// Why a shop is not healthy: the `problem` object of the status contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub kind: FailureKind,
+    pub message: String,
+    pub hint: String,
+    /// RFC 3339: first failure of this streak.
+    pub since: String,
+    /// Failed probes in a row.
+    pub attempts: u32,
+    /// RFC 3339: the next probe.
+    pub next_try: Option<String>,
+    /// HTTP status, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+}
+
+/// What the `health` tree keeps per shop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HealthRecord {
+    pub state: ShopState,
+    /// RFC 3339: when `state` began.
+    pub state_since: Option<String>,
+    pub last_probe: Option<String>,
+    pub last_ok: Option<String>,
+    pub last_latency_ms: Option<u64>,
+    pub consecutive_failures: u32,
+    pub problem: Option<Problem>,
+    pub next_probe: Option<String>,
+    /// Magento version when the shop tells it.
+    pub version: Option<String>,
+    /// Products the credentials can see, from the last probe.
+    pub product_count: Option<u64>,
+    /// The last retry delays in ms, newest last (at most 16): shows the
+    /// backoff at work.
+    #[serde(default)]
+    pub retry_delays_ms: VecDeque<u64>,
+}
+
+/// Maps a failure to a state. `failing_for` is how long the current streak
+/// of failures has lasted.
+pub fn state_for(err: &ShopError, failing_for: Duration, down_after: Duration) -> ShopState {
+    match err.kind {
+        k if k.is_auth() => ShopState::AuthFailed,
+        FailureKind::NotApi => ShopState::Misconfigured,
+        FailureKind::HttpStatus if matches!(err.status, Some(404 | 405 | 400)) => {
+            ShopState::Misconfigured
+        }
+        FailureKind::Dns | FailureKind::Connect | FailureKind::Timeout | FailureKind::Tls
+            if failing_for >= down_after =>
+        {
+            ShopState::Down
+        }
+        _ => ShopState::Degraded,
+    }
+}
+
+/// What to tell the operator, following MAGENTO.md's table.
+pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
+    use FailureKind::*;
+    let m2 = platform == Platform::Magento2;
+    match kind {
+        Dns => "The shop's host name does not resolve: check the URL's spelling and the daemon's DNS.",
+        Connect => "Nothing answers at the shop URL: check the URL and port, that the shop is up, and that no firewall or .htaccess rule blocks this server's IP.",
+        Tls => "The TLS handshake failed: check the shop's certificate (expired, wrong host name) or a proxy intercepting TLS.",
+        Timeout => "The shop did not answer in time: it may be overloaded or a firewall drops the traffic; raise probe.timeout or sync.request_timeout if it is just slow.",
+        HttpStatus if m2 => "The API path answered with an error: check the shop URL; if /rest/ is not routed, URL rewrites may be off (cobbyd already tried index.php/rest).",
+        HttpStatus => "The API path answered with an error: check the shop URL; if /api/xmlrpc/ is not routed, URL rewrites may be off (cobbyd already tried index.php/api/xmlrpc/).",
+        NotApi if m2 => "The URL answered with a web page, not the REST API: use the shop's base URL (without /rest or /admin) and check that /rest/ (or index.php/rest/) is routed.",
+        NotApi => "The URL answered with a web page, or the API resource is missing: use the shop's base URL and check that /api/xmlrpc/ is routed and the Mage_Api module is enabled.",
+        Maintenance => "The shop is in maintenance mode (503): wait; cobbyd retries with backoff.",
+        Unauthorized if m2 => "The shop refused the token: check the access token and consumer key (extra spaces are a classic), that the integration is activated in System > Integrations, or re-activate it and run `cobbyd shop rotate`.",
+        Unauthorized => "Access denied at login: the API user name or key is wrong (extra spaces are a classic) or the user was deleted; fix it in System > Web Services > SOAP/XML-RPC Users and run `cobbyd shop rotate`.",
+        ForbiddenResource if m2 => "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed.",
+        ForbiddenResource => "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles.",
+        BadSignature => "The shop refused the OAuth signature: the consumer secret or access token secret is wrong, or this server's clock is more than 10 minutes off (check NTP).",
+        Session => "The Magento 1 API session expired and logging in again failed: check api/config/session_timeout and the API user.",
+        Protocol => "The shop's answer was malformed or cut off: a proxy, a PHP error or a broken module may corrupt API answers; look at the shop's logs.",
+        RateLimited => "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists.",
+        ServerError => "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message).",
+    }
+}
+
+/// Delay before the next probe of a failing shop.
+///
+/// Exponential from `initial` (doubling per attempt, ±25% jitter) and never
+/// above `max`; credential and permission failures wait `max` at once, since
+/// retrying sooner cannot help (a `shop rotate` re-checks immediately).
+pub fn retry_delay(err: &ShopError, attempts: u32, initial: Duration, max: Duration) -> Duration {
+    use backoff::backoff::Backoff;
+    if err.kind.is_auth() {
+        return max;
+    }
+    let exp = attempts.saturating_sub(1).min(30);
+    let base = initial.saturating_mul(1u32 << exp.min(31)).min(max);
+    let mut policy = backoff::ExponentialBackoff {
+        current_interval: base,
+        initial_interval: initial,
+        randomization_factor: 0.25,
+        multiplier: 2.0,
+        max_interval: max,
+        max_elapsed_time: None,
+        ..Default::default()
+    };
+    let mut delay = policy.next_backoff().unwrap_or(max).min(max);
+    if let Some(ra) = err.retry_after {
+        delay = delay.max(ra.min(max));
+    }
+    delay
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states() {
+        let e = |k| ShopError::new(k, "x");
+        let long = Duration::from_secs(600);
+        let short = Duration::from_secs(1);
+        let da = Duration::from_secs(300);
+        assert_eq!(state_for(&e(FailureKind::Unauthorized), short, da), ShopState::AuthFailed);
+        assert_eq!(state_for(&e(FailureKind::BadSignature), short, da), ShopState::AuthFailed);
+        assert_eq!(state_for(&e(FailureKind::NotApi), short, da), ShopState::Misconfigured);
+        assert_eq!(state_for(&e(FailureKind::Maintenance), long, da), ShopState::Degraded);
+        assert_eq!(state_for(&e(FailureKind::Connect), short, da), ShopState::Degraded);
+        assert_eq!(state_for(&e(FailureKind::Connect), long, da), ShopState::Down);
+        assert_eq!(
+            state_for(&e(FailureKind::HttpStatus).with_status(404), short, da),
+            ShopState::Misconfigured
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_under_max() {
+        let e = ShopError::new(FailureKind::Connect, "refused");
+        let init = Duration::from_secs(2);
+        let max = Duration::from_secs(60);
+        let d: Vec<Duration> = (1..=12).map(|a| retry_delay(&e, a, init, max)).collect();
+        assert!(d[0] >= Duration::from_millis(1500) && d[0] <= Duration::from_millis(2500), "{d:?}");
+        assert!(d[3] > d[0] * 4, "{d:?}");
+        assert!(d.iter().all(|x| *x <= max), "{d:?}");
+        assert!(d[11] >= Duration::from_secs(45), "{d:?}");
+        let auth = ShopError::new(FailureKind::Unauthorized, "no");
+        assert_eq!(retry_delay(&auth, 1, init, max), max);
+    }
+}

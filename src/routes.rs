@@ -1,0 +1,499 @@
+//! The control API's routes (DESIGN.md "Control socket"). JSON in and out;
+//! errors as `{"error": {"kind": ..., "message": ...}}`. Request bodies are
+//! capped at 64 KiB and must arrive within 10 s.
+
+use crate::daemon::{Daemon, Phase};
+use crate::queue::{JobKind, now_ms};
+use crate::registry::{ShopClient, client_options};
+use crate::shop::{self, AuthMode, Credentials, Platform, ShopRecord};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// A request body must arrive within this time.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+type D = State<Arc<Daemon>>;
+
+/// The full control API.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/config", get(config))
+        .route("/v1/shops", get(list_shops).post(add_shop))
+        .route("/v1/shops/{name}", get(show_shop).delete(remove_shop))
+        .route("/v1/shops/{name}/test", post(test_shop))
+        .route("/v1/shops/{name}/credentials", put(rotate))
+        .route("/v1/shops/{name}/sync", post(start_sync))
+        .route("/v1/shops/{name}/runs", get(runs))
+        .route("/v1/shops/{name}/products", get(products))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see DESIGN.md for the API")
+        })
+        .with_state(daemon)
+}
+
+/// Only `/metrics`, for the optional TCP listener.
+pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(daemon)
+}
+
+/// An API error: status, a machine-readable kind, a message for people,
+/// and optional details (e.g. the probe's diagnosis).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!("control API: {e}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+
+    fn no_shop(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no shop named {name:?}; `cobbyd shop list` shows the registered ones"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = json!({"kind": self.kind, "message": self.message});
+        if let Some(d) = self.details {
+            err["details"] = d;
+        }
+        (self.status, axum::Json(json!({ "error": err }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok_json(status: StatusCode, v: Value) -> ApiResult {
+    Ok((status, axum::Json(v)).into_response())
+}
+
+/// Reads a JSON body within the size and time bounds.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body over {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > MAX_BODY as u64
+    {
+        return Err(too_large());
+    }
+    let body = req.into_body();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "request body too slow")),
+        Ok(Err(_)) => return Err(too_large()),
+        Ok(Ok(b)) => b,
+    };
+    if bytes.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| ApiError::invalid(format!("empty body: {e}")));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("request body: {e}")))
+}
+
+fn refuse_while_stopping(d: &Daemon) -> Result<(), ApiError> {
+    if d.stopping() {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the daemon is shutting down",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+async fn health(State(d): D) -> Response {
+    match d.phase() {
+        Phase::Running => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+        p => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": p.as_str()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(d): D) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::metrics::render(&d),
+    )
+        .into_response()
+}
+
+async fn config(State(d): D) -> ApiResult {
+    let cfg = serde_json::to_value(&*d.config()).map_err(ApiError::internal)?;
+    ok_json(StatusCode::OK, cfg)
+}
+
+/// The daemon part of the status.
+fn daemon_json(d: &Daemon) -> Value {
+    let cfg = d.config();
+    let path = d
+        .config_path
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|p| p.display().to_string());
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_s": d.started.elapsed().as_secs(),
+        "state": d.phase().as_str(),
+        "state_dir": cfg.daemon.state_dir.display().to_string(),
+        "socket": cfg.daemon.socket.display().to_string(),
+        "config_path": path,
+        "queue_depth": d.queue.depth(),
+    })
+}
+
+/// One shop as status shows it.
+pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
+    let h = d.health.get(&rec.name);
+    json!({
+        "name": rec.name,
+        "platform": rec.platform,
+        "url": rec.url,
+        "store_codes": rec.store_codes,
+        "auth": rec.auth,
+        "state": h.state,
+        "state_since": h.state_since,
+        "last_probe": h.last_probe,
+        "last_ok": h.last_ok,
+        "next_probe": h.next_probe,
+        "latency_ms": h.last_latency_ms,
+        "version": h.version,
+        "consecutive_failures": h.consecutive_failures,
+        "retry_delays_ms": h.retry_delays_ms,
+        "problem": h.problem,
+        "sync": d.syncs.status_json(d, rec),
+    })
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    shop: Option<String>,
+}
+
+async fn status(State(d): D, Query(q): Query<StatusQuery>) -> ApiResult {
+    let shops: Vec<Value> = match &q.shop {
+        Some(name) => {
+            let rec = d.registry.get(name).ok_or_else(|| ApiError::no_shop(name))?;
+            vec![shop_json(&d, &rec)]
+        }
+        None => d.registry.list().iter().map(|r| shop_json(&d, r)).collect(),
+    };
+    ok_json(StatusCode::OK, json!({"daemon": daemon_json(&d), "shops": shops}))
+}
+
+async fn list_shops(State(d): D) -> ApiResult {
+    let shops: Vec<Value> = d.registry.list().iter().map(ShopRecord::public_json).collect();
+    ok_json(StatusCode::OK, json!({ "shops": shops }))
+}
+
+async fn show_shop(State(d): D, Path(name): Path<String>) -> ApiResult {
+    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let mut v = rec.public_json();
+    v["status"] = shop_json(&d, &rec);
+    ok_json(StatusCode::OK, v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddShop {
+    name: String,
+    platform: Platform,
+    url: String,
+    #[serde(default)]
+    store_codes: Vec<String>,
+    #[serde(default)]
+    auth: AuthMode,
+    credentials: toml::Table,
+    #[serde(default)]
+    no_verify: bool,
+}
+
+/// The probe's diagnosis as error details.
+fn diagnosis(err: &crate::magento::ShopError, platform: Platform) -> Value {
+    json!({
+        "kind": err.kind,
+        "message": err.message,
+        "hint": crate::health::hint(err.kind, platform),
+        "http_status": err.status,
+    })
+}
+
+/// Probes a record with a fresh client (not the cached one: the record may
+/// be a candidate that is not registered yet).
+async fn probe_candidate(d: &Daemon, rec: &ShopRecord) -> crate::probe::Outcome {
+    let cfg = d.config();
+    let client = ShopClient::new(rec, &client_options(&cfg))?;
+    let started = Instant::now();
+    let info = client.probe(rec, cfg.probe.timeout).await?;
+    Ok((info, started.elapsed()))
+}
+
+async fn add_shop(State(d): D, req: Request) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    let body: AddShop = read_json(req).await?;
+    shop::validate_name(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let url = shop::validate_url(&body.url).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let mut store_codes = body.store_codes;
+    if store_codes.is_empty() {
+        store_codes.push("default".into());
+    }
+    for c in &store_codes {
+        shop::validate_store_code(c).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    store_codes.dedup();
+    if store_codes.len() > 32 {
+        return Err(ApiError::invalid("store_code: at most 32 store views per shop"));
+    }
+    let auth = if body.platform == Platform::Magento1 { AuthMode::Oauth } else { body.auth };
+    let credentials = Credentials::from_table(&body.credentials, body.platform, auth)
+        .map_err(|e| ApiError::invalid(format!("credentials: {e}")))?;
+    let _guard = d.admin.lock().await;
+    if d.registry.get(&body.name).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("a shop named {:?} exists; use `cobbyd shop rotate` to change its credentials", body.name),
+        ));
+    }
+    let now = crate::probe::rfc3339(chrono::Utc::now());
+    let rec = ShopRecord {
+        name: body.name.clone(),
+        platform: body.platform,
+        url,
+        store_codes,
+        auth,
+        credentials,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let outcome = if body.no_verify { None } else { Some(probe_candidate(&d, &rec).await) };
+    if let Some(Err(e)) = &outcome {
+        let mut err = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "shop_failed",
+            format!("the connection test failed, nothing was saved: {e}"),
+        );
+        err.details = Some(diagnosis(e, rec.platform));
+        return Err(err);
+    }
+    d.registry.put(rec.clone())?;
+    if let Some(outcome) = &outcome {
+        let delay = crate::scheduler::record_outcome(&d, &rec, outcome, &d.config().probe);
+        d.queue.schedule(&rec.name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+        // A shop that answers gets its first sync right away.
+        d.queue.schedule(&rec.name, JobKind::Sync, now_ms())?;
+    }
+    d.ensure_jobs(&rec.name)?;
+    d.store.flush().await?;
+    tracing::info!(shop = %rec.name, platform = %rec.platform, url = %rec.url, verified = !body.no_verify, "shop added");
+    d.changed.notify_one();
+    ok_json(StatusCode::CREATED, shop_json(&d, &rec))
+}
+
+async fn remove_shop(State(d): D, Path(name): Path<String>, Query(q): Query<RemoveQuery>) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    let _guard = d.admin.lock().await;
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    d.registry.remove(&name)?;
+    d.syncs.cancel(&name);
+    let jobs = d.queue.remove_shop(&name)?;
+    d.health.remove(&name)?;
+    crate::sync::forget_shop(&d.store, &name, q.purge)?;
+    d.store.flush().await?;
+    tracing::info!(shop = %name, purge = q.purge, jobs, "shop removed");
+    d.changed.notify_one();
+    ok_json(StatusCode::OK, json!({"removed": name, "purged": q.purge, "jobs_removed": jobs}))
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn test_shop(State(d): D, Path(name): Path<String>) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let outcome = crate::scheduler::probe_once(&d, &rec).await;
+    let delay = crate::scheduler::record_outcome(&d, &rec, &outcome, &d.config().probe);
+    d.queue.schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+    d.store.flush().await?;
+    let mut v = shop_json(&d, &rec);
+    v["ok"] = json!(outcome.is_ok());
+    if let Ok((info, latency)) = &outcome {
+        v["latency_ms"] = json!(latency.as_millis() as u64);
+        v["api_base"] = json!(info.api_base);
+        v["product_count"] = json!(info.product_count);
+    }
+    ok_json(StatusCode::OK, v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    credentials: toml::Table,
+}
+
+async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    let body: Rotate = read_json(req).await?;
+    let _guard = d.admin.lock().await;
+    let old = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let credentials = Credentials::from_table(&body.credentials, old.platform, old.auth)
+        .map_err(|e| ApiError::invalid(format!("credentials: {e}")))?;
+    let mut rec = old.clone();
+    rec.credentials = credentials;
+    rec.updated_at = crate::probe::rfc3339(chrono::Utc::now());
+    let outcome = probe_candidate(&d, &rec).await;
+    if let Err(e) = &outcome {
+        let mut err = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "shop_failed",
+            format!("the new credentials failed the connection test; the old ones stay in use: {e}"),
+        );
+        err.details = Some(diagnosis(e, rec.platform));
+        return Err(err);
+    }
+    // One sled insert replaces the record: readers see old or new, never a mix.
+    d.registry.put(rec.clone())?;
+    let was = d.health.get(&name).state;
+    let delay = crate::scheduler::record_outcome(&d, &rec, &outcome, &d.config().probe);
+    d.queue.schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+    if !was.may_sync() {
+        d.queue.schedule_at(&name, JobKind::Sync, now_ms(), true)?;
+    }
+    d.store.flush().await?;
+    tracing::info!(shop = %name, "credentials rotated");
+    d.changed.notify_one();
+    ok_json(StatusCode::OK, shop_json(&d, &rec))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SyncRequest {
+    #[serde(default)]
+    full: bool,
+}
+
+async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    let body: SyncRequest = read_json(req).await?;
+    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let state = d.health.get(&name).state;
+    if !state.may_sync() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "shop_unhealthy",
+            format!(
+                "{name} is {}: fix the connection first (`cobbyd status {name}` shows why)",
+                state.as_str()
+            ),
+        ));
+    }
+    let kind = if body.full { JobKind::FullSync } else { JobKind::Sync };
+    let requested_at = crate::probe::rfc3339(chrono::Utc::now());
+    let job = d.queue.schedule_at(&rec.name, kind, now_ms(), true)?;
+    d.store.flush().await?;
+    ok_json(
+        StatusCode::ACCEPTED,
+        json!({"shop": name, "kind": kind.as_str(), "job": job.seq, "requested_at": requested_at, "requested_at_ms": now_ms()}),
+    )
+}
+
+async fn runs(State(d): D, Path(name): Path<String>) -> ApiResult {
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    let runs = crate::sync::recent_runs(&d.store, &name, 100)?;
+    ok_json(StatusCode::OK, json!({ "runs": runs }))
+}
+
+#[derive(Deserialize)]
+struct ProductsQuery {
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    store_code: Option<String>,
+}
+
+async fn products(State(d): D, Path(name): Path<String>, Query(q): Query<ProductsQuery>) -> ApiResult {
+    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let format = match q.format.as_deref().unwrap_or("jsonl") {
+        "jsonl" => crate::export::Format::Jsonl,
+        "csv" => crate::export::Format::Csv,
+        other => return Err(ApiError::invalid(format!("format {other:?}: use jsonl or csv"))),
+    };
+    let store_code = match q.store_code {
+        Some(c) if rec.store_codes.contains(&c) => c,
+        Some(c) => {
+            return Err(ApiError::invalid(format!(
+                "store_code {c:?} is not mirrored for {name}; it has {}",
+                rec.store_codes.join(", ")
+            )));
+        }
+        None => rec.store_codes.first().cloned().unwrap_or_else(|| "default".into()),
+    };
+    let tree = d.store.products(&name, &store_code)?;
+    let content_type = match format {
+        crate::export::Format::Jsonl => "application/x-ndjson",
+        crate::export::Format::Csv => "text/csv; charset=utf-8",
+    };
+    let body = Body::from_stream(crate::export::stream(tree, format));
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}

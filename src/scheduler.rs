@@ -1,0 +1,139 @@
+//! The scheduler: leases due jobs from the durable queue and runs them on
+//! bounded worker pools (probes; syncs through the sync manager), then
+//! schedules each job's next occurrence. On shutdown it stops leasing and
+//! waits for running jobs.
+
+use crate::daemon::Daemon;
+use crate::queue::{Job, JobKind, now_ms};
+use crate::registry::client_options;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// Probes running at once across all shops.
+const PROBE_WORKERS: usize = 16;
+/// Longest sleep between looks at the queue (a safety net; wake-ups are
+/// event-driven).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+/// Runs until `stop` turns true and every running job has finished.
+pub async fn run(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    let probes = Arc::new(Semaphore::new(PROBE_WORKERS));
+    let mut running: JoinSet<()> = JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        loop {
+            // Reap finished jobs so the set stays small.
+            while running.try_join_next().is_some() {}
+            let job = match daemon.queue.lease_due(now_ms()) {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("queue: {e}");
+                    break;
+                }
+            };
+            match job.kind {
+                JobKind::Probe => {
+                    let Ok(permit) = probes.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let d = daemon.clone();
+                    let span = tracing::info_span!("probe", shop = %job.shop, job = job.seq);
+                    running.spawn(
+                        async move {
+                            run_probe(&d, &job).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+                JobKind::Sync | JobKind::FullSync => {
+                    let d = daemon.clone();
+                    let stop = stop.clone();
+                    let span = tracing::info_span!("sync", shop = %job.shop, job = job.seq);
+                    running.spawn(
+                        async move { crate::sync::run_job(&d, job, stop).await }.instrument(span),
+                    );
+                }
+            }
+        }
+        let wait = daemon
+            .queue
+            .next_due_ms()
+            .map(|due| Duration::from_millis(due.saturating_sub(now_ms())))
+            .unwrap_or(MAX_IDLE)
+            .min(MAX_IDLE);
+        tokio::select! {
+            _ = daemon.queue.wait(wait) => {}
+            _ = stop.changed() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Probes one shop, records the result, schedules the next probe.
+pub async fn run_probe(daemon: &Daemon, job: &Job) {
+    let Some(rec) = daemon.registry.get(&job.shop) else {
+        // Removed meanwhile: drop the job.
+        let _ = daemon.queue.complete(job, None);
+        return;
+    };
+    let delay = probe_now(daemon, &rec).await;
+    let next = now_ms() + delay.as_millis() as u64;
+    if let Err(e) = daemon.queue.complete(job, Some(next)) {
+        tracing::error!(shop = %job.shop, "queue: {e}");
+    }
+    if let Err(e) = daemon.store.flush().await {
+        tracing::error!("flush: {e}");
+    }
+}
+
+/// Probes a shop now and records the outcome (used by the scheduler,
+/// `shop test`, `shop add` and `shop rotate`). Returns the delay until the
+/// next probe.
+pub async fn probe_now(daemon: &Daemon, rec: &crate::shop::ShopRecord) -> Duration {
+    let cfg = daemon.config();
+    let outcome = probe_once(daemon, rec).await;
+    record_outcome(daemon, rec, &outcome, &cfg.probe)
+}
+
+/// Runs a probe without recording it.
+pub async fn probe_once(daemon: &Daemon, rec: &crate::shop::ShopRecord) -> crate::probe::Outcome {
+    let cfg = daemon.config();
+    let started = Instant::now();
+    let client = daemon.registry.client(rec, &client_options(&cfg))?;
+    let result = client.probe(rec, cfg.probe.timeout).await;
+    let latency = started.elapsed();
+    daemon.metrics.observe_probe(&rec.name, latency, result.is_ok());
+    result.map(|info| (info, latency))
+}
+
+/// Stores a probe outcome in the health book; returns the next delay.
+pub fn record_outcome(
+    daemon: &Daemon,
+    rec: &crate::shop::ShopRecord,
+    outcome: &crate::probe::Outcome,
+    cfg: &crate::config::ProbeConfig,
+) -> Duration {
+    let prev = daemon.health.get(&rec.name);
+    let (next, delay) = crate::probe::next_record(
+        &prev,
+        rec,
+        outcome,
+        cfg,
+        chrono::Utc::now(),
+        rand::random::<f64>(),
+    );
+    crate::probe::log_transition(&rec.name, &prev, &next);
+    if let Err(e) = daemon.health.put(&rec.name, &next) {
+        tracing::error!(shop = %rec.name, "health: {e}");
+    }
+    daemon.changed.notify_one();
+    delay
+}

@@ -1,0 +1,229 @@
+//! Fault modes: how the simulated shop misbehaves on request, and the
+//! answers each mode gives. Every request a fault answers (or delays)
+//! increments `faults_injected`.
+
+use crate::sim::server::{Resp, html, json_bytes, stream_body};
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use std::time::Duration;
+
+/// A fault mode of the shop listener (the control listener never faults).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Behave.
+    #[default]
+    None,
+    /// The shop listener stops accepting: connections are refused, open ones
+    /// are dropped. The control listener still answers.
+    Down,
+    /// 503 with an HTML maintenance page on every shop route, XML-RPC
+    /// included.
+    Maintenance,
+    /// 200 `text/html` storefront page on the API routes (a URL whose
+    /// rewrite swallows `/rest/`).
+    Html200,
+    /// Every answer is delayed this long.
+    Slow(Duration),
+    /// Every `every`-th request answers 500 Internal Error.
+    Flaky {
+        /// Period (0 never fails).
+        every: u32,
+    },
+    /// `Content-Length` announces more than is sent, then the connection
+    /// closes.
+    Truncated,
+    /// 200 with a body that does not parse: invalid JSON on REST, invalid XML
+    /// on XML-RPC.
+    Garbage,
+    /// 429 with `Retry-After`.
+    RateLimited {
+        /// Seconds announced in `Retry-After`.
+        retry_after_s: u64,
+    },
+}
+
+impl Fault {
+    /// The control-API name of the mode.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::None => "none",
+            Fault::Down => "down",
+            Fault::Maintenance => "maintenance",
+            Fault::Html200 => "html200",
+            Fault::Slow(_) => "slow",
+            Fault::Flaky { .. } => "flaky",
+            Fault::Truncated => "truncated",
+            Fault::Garbage => "garbage",
+            Fault::RateLimited { .. } => "rate_limited",
+        }
+    }
+
+    /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
+    /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
+    /// "retry_after_s": 5}`, or a bare mode name.
+    pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
+        let mode = v
+            .get("mode")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| "expected {\"mode\": ...}".to_string())?;
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        Ok(match mode {
+            "none" => Fault::None,
+            "down" => Fault::Down,
+            "maintenance" => Fault::Maintenance,
+            "html200" => Fault::Html200,
+            "slow" => Fault::Slow(Duration::from_millis(
+                num("ms").ok_or("slow needs \"ms\"")?.min(600_000),
+            )),
+            "flaky" => Fault::Flaky {
+                every: u32::try_from(num("every").ok_or("flaky needs \"every\"")?)
+                    .map_err(|_| "\"every\" is too large".to_string())?,
+            },
+            "truncated" => Fault::Truncated,
+            "garbage" => Fault::Garbage,
+            "rate_limited" => Fault::RateLimited {
+                retry_after_s: num("retry_after_s").unwrap_or(1),
+            },
+            other => return Err(format!("unknown fault mode {other:?}")),
+        })
+    }
+
+    /// The control-API form.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "mode": self.name() });
+        match self {
+            Fault::Slow(d) => v["ms"] = (d.as_millis() as u64).into(),
+            Fault::Flaky { every } => v["every"] = (*every).into(),
+            Fault::RateLimited { retry_after_s } => v["retry_after_s"] = (*retry_after_s).into(),
+            _ => {}
+        }
+        v
+    }
+}
+
+/// The maintenance page Magento serves (`pub/errors/503.php`).
+pub const MAINTENANCE_HTML: &str = "<!doctype html>\n<html><head><title>Error 503: Service Unavailable</title></head>\n<body><h1>Service Temporarily Unavailable</h1>\n<p>The server is temporarily unable to service your request due to maintenance downtime or capacity problems. Please try again later.</p></body></html>\n";
+
+/// A storefront home page.
+pub const STOREFRONT_HTML: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>Home page</title>\n<script type=\"text/x-magento-init\">{\"*\":{\"Magento_PageCache/js/form-key-provider\":{}}}</script></head>\n<body class=\"cms-index-index page-layout-1column\"><div class=\"page-wrapper\"><header class=\"page-header\"><a class=\"logo\" href=\"/\">Simulated Shop</a></header>\n<main id=\"maincontent\"><h1>Welcome to the simulated shop</h1></main></div></body></html>\n";
+
+/// Magento's 404 CMS page.
+pub const NOT_FOUND_HTML: &str = "<!doctype html>\n<html><head><title>404 Not Found</title></head><body><h1>Whoops, our bad...</h1><p>The page you requested was not found.</p></body></html>\n";
+
+/// 503 maintenance.
+pub fn maintenance() -> Resp {
+    html(503, MAINTENANCE_HTML)
+}
+
+/// 200 storefront HTML.
+pub fn storefront() -> Resp {
+    html(200, STOREFRONT_HTML)
+}
+
+/// 500 Internal Error: JSON on REST, the PHP error page on XML-RPC.
+pub fn internal_error(xmlrpc: bool, report: u64) -> Resp {
+    if xmlrpc {
+        html(
+            500,
+            "<!doctype html>\n<html><head><title>500 Internal Server Error</title></head><body><h1>Internal Server Error</h1></body></html>\n",
+        )
+    } else {
+        let body = serde_json::json!({
+            "message": format!(
+                "Internal Error. Details are available in Magento log file. Report ID: webapi-{report:013x}"
+            )
+        });
+        json_bytes(500, body.to_string().into_bytes())
+    }
+}
+
+/// 429 with `Retry-After`.
+pub fn rate_limited(retry_after_s: u64) -> Resp {
+    let mut r = json_bytes(429, br#"{"message":"Too Many Requests"}"#.to_vec());
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, retry_after_s.into());
+    r
+}
+
+/// 200 with a body that announces JSON (or XML) and does not parse.
+pub fn garbage(xmlrpc: bool) -> Resp {
+    if xmlrpc {
+        let mut r = html(
+            200,
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<methodResponse><params><param><value><struct><member><name>sku</name><value><string>24-MB01</value></member></struct",
+        );
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/xml; charset=UTF-8"),
+        );
+        r
+    } else {
+        json_bytes(
+            200,
+            b"{\"items\":[{\"id\":1,\"sku\":\"24-MB01\",\"name\":\"Joust Duffle Bag\",,\"price\":34 <br />\n<b>Fatal error</b>: Allowed memory size exhausted"
+                .to_vec(),
+        )
+    }
+}
+
+/// Re-sends an answer with its full length announced but only the first
+/// half of the body written, then closes the connection.
+pub async fn truncate(resp: Resp) -> Resp {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let announced = bytes.len().max(64);
+    let half: Bytes = bytes.slice(..bytes.len() / 2);
+    parts
+        .headers
+        .insert(hyper::header::CONTENT_LENGTH, announced.into());
+    // Yield the half, pause so that it is flushed, then fail the body: hyper
+    // closes the connection short of the announced length.
+    let stream = futures_util::stream::unfold(0u8, move |state| {
+        let half = half.clone();
+        async move {
+            match state {
+                0 => Some((Ok(hyper::body::Frame::data(half)), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "simulated truncation",
+                        )),
+                        2,
+                    ))
+                }
+                _ => None,
+            }
+        }
+    });
+    hyper::Response::from_parts(parts, stream_body(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_json_round_trip() {
+        for f in [
+            Fault::None,
+            Fault::Down,
+            Fault::Maintenance,
+            Fault::Html200,
+            Fault::Slow(Duration::from_millis(250)),
+            Fault::Flaky { every: 3 },
+            Fault::Truncated,
+            Fault::Garbage,
+            Fault::RateLimited { retry_after_s: 7 },
+        ] {
+            assert_eq!(Fault::from_json(&f.to_json()), Ok(f));
+        }
+        assert!(Fault::from_json(&serde_json::json!({"mode": "explode"})).is_err());
+        assert!(Fault::from_json(&serde_json::json!({"mode": "slow"})).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The one owner of sled. Opens the database in `daemon.state_dir` behind an
+//! exclusive lock file, names the trees, checks the schema version, bounds
+//! the cache, and is the only place that flushes.
+//!
+//! sled 0.34 flushes on its own every 500 ms unless told not to, and its
+//! `flush_async` is not cancellation-safe; both are contained here: the
+//! background flusher is off, and every durability point goes through
+//! [`Store::flush`], which hands the request to a single flusher task that
+//! batches concurrent requests into one `Db::flush` on a blocking thread
+//! (group commit).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// The layout this build writes. Bump with a migration in [`Store::open`].
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+/// Pending flush requests; more wait for room (callers are async).
+const FLUSH_QUEUE: usize = 1024;
+
+/// Why the store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state directory {dir} is in use by another cobbyd (pid {pid}); stop it, or give this one another daemon.state_dir"
+    )]
+    Locked { dir: PathBuf, pid: String },
+    #[error(
+        "state directory {dir} was written by a newer cobbyd (schema {found}, this build knows {supported}); upgrade cobbyd or use another daemon.state_dir"
+    )]
+    NewerSchema {
+        dir: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("state directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("database: {0}")]
+    Corrupt(String),
+    #[error("the store's flusher has stopped (the daemon is shutting down)")]
+    FlusherGone,
+}
+
+/// The database and its named trees. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    shops: sled::Tree,
+    queue: sled::Tree,
+    health: sled::Tree,
+    cursor: sled::Tree,
+    runs: sled::Tree,
+    meta: sled::Tree,
+    flush_tx: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    flush_rx: std::sync::Mutex<Option<mpsc::Receiver<oneshot::Sender<Result<(), String>>>>>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`. Fails at once,
+    /// naming the directory, when another process holds it.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        let io = |source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let lock_path = dir.join("cobbyd.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io)?;
+        let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = std::fs::read_to_string(&lock_path)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    pid: if pid.is_empty() { "unknown".into() } else { pid },
+                });
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
+        lock.set_len(0).map_err(io)?;
+        writeln!(lock, "{}", std::process::id()).map_err(io)?;
+        let db_path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
+            .flush_every_ms(None)
+            .open()?;
+        // sled creates its files with the process umask; the state holds
+        // credentials, so make the directory private whatever the umask.
+        let _ = std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o700));
+        let meta = db.open_tree("meta")?;
+        match meta.get(SCHEMA_KEY)? {
+            None => {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("meta.schema_version is not 4 bytes".into()))?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        dir: dir.to_path_buf(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                // Older versions: migrations go here when the layout changes.
+            }
+        }
+        let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                shops: db.open_tree("shops")?,
+                queue: db.open_tree("queue")?,
+                health: db.open_tree("health")?,
+                cursor: db.open_tree("cursor")?,
+                runs: db.open_tree("runs")?,
+                meta,
+                db,
+                flush_tx,
+                flush_rx: std::sync::Mutex::new(Some(flush_rx)),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// name → shop record.
+    pub fn shops(&self) -> &sled::Tree {
+        &self.inner.shops
+    }
+
+    /// (due, seq) → job.
+    pub fn queue(&self) -> &sled::Tree {
+        &self.inner.queue
+    }
+
+    /// name → last probe result.
+    pub fn health(&self) -> &sled::Tree {
+        &self.inner.health
+    }
+
+    /// shop/store → sync checkpoint.
+    pub fn cursor(&self) -> &sled::Tree {
+        &self.inner.cursor
+    }
+
+    /// shop/run → sync run record.
+    pub fn runs(&self) -> &sled::Tree {
+        &self.inner.runs
+    }
+
+    /// Schema version and other small facts.
+    pub fn meta(&self) -> &sled::Tree {
+        &self.inner.meta
+    }
+
+    /// The mirror of one store view of one shop.
+    pub fn products(&self, shop: &str, store_code: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree(products_tree_name(shop, store_code))?)
+    }
+
+    /// A scratch tree (e.g. the SKUs seen by a full reconcile), dropped by
+    /// [`Store::drop_tree`] when done.
+    pub fn scratch(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree(format!("scratch:{name}"))?)
+    }
+
+    /// Drops a scratch tree.
+    pub fn drop_scratch(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.db.drop_tree(format!("scratch:{name}"))?;
+        Ok(())
+    }
+
+    /// Drops every mirror tree of a shop (`shop remove --purge`).
+    pub fn drop_products(&self, shop: &str) -> Result<(), StoreError> {
+        let prefix = format!("products:{shop}:");
+        for name in self.inner.db.tree_names() {
+            if name.starts_with(prefix.as_bytes()) {
+                self.inner.db.drop_tree(&name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new id, unique for the life of the database (run ids).
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.generate_id()?)
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Makes every write so far durable. Concurrent callers share one
+    /// `fsync`. Needs [`Store::spawn_flusher`] to have run.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .flush_tx
+            .send(tx)
+            .await
+            .map_err(|_| StoreError::FlusherGone)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Corrupt(format!("flush failed: {e}"))),
+            Err(_) => Err(StoreError::FlusherGone),
+        }
+    }
+
+    /// Starts the single flusher task. Call once, inside the runtime.
+    pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
+        let rx = self
+            .inner
+            .flush_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let db = self.inner.db.clone();
+        tokio::spawn(async move {
+            let Some(mut rx) = rx else {
+                tracing::error!("store flusher started twice; the second is a no-op");
+                return;
+            };
+            let mut waiting = Vec::new();
+            while let Some(first) = rx.recv().await {
+                waiting.push(first);
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let db = db.clone();
+                let result = tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+                for w in waiting.drain(..) {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })
+    }
+
+    /// The last flush at shutdown, after every writer has stopped.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
+
+/// `products:{shop}:{store}`; names and codes cannot contain ':'.
+pub fn products_tree_name(shop: &str, store_code: &str) -> String {
+    format!("products:{shop}:{store_code}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_fails_naming_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Store::open(dir.path(), 4).unwrap();
+        let err = Store::open(dir.path(), 4).err().unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        assert!(msg.contains(&std::process::id().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn newer_schema_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 4).unwrap();
+            s.meta().insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path(), 4).err().unwrap();
+        assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn flush_is_shared_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 4).unwrap();
+        let flusher = s.spawn_flusher();
+        s.shops().insert("a", "1").unwrap();
+        let (a, b) = tokio::join!(s.flush(), s.flush());
+        a.unwrap();
+        b.unwrap();
+        // The flusher ends when the last handle is gone, releasing sled.
+        drop(s);
+        flusher.await.unwrap();
+        let s = Store::open(dir.path(), 4).unwrap();
+        assert_eq!(s.shops().get("a").unwrap().unwrap().as_ref(), b"1");
+    }
+}

@@ -1,0 +1,663 @@
+//! Product synchronisation: runs sync jobs from the queue, one at a time
+//! per shop and at most `sync.max_concurrent_syncs` in all; keeps progress
+//! visible; records each run in the `runs` tree.
+//!
+//! The platform walks live in [`m2`] (keyset paging by `updated_at`,
+//! `entity_id`) and [`m1`] (id ranges, `multiCall` details). Both write
+//! through [`crate::mirror::Mirror::apply`] and flush before the next
+//! request, so a crash loses nothing and a restart resumes from the
+//! checkpoint.
+
+pub mod m1;
+pub mod m2;
+
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::magento::{FailureKind, ShopError};
+use crate::mirror::{Applied, Mirror};
+use crate::probe::rfc3339;
+use crate::queue::{Job, JobKind, now_ms};
+use crate::registry::{ShopClient, client_options};
+use crate::shop::ShopRecord;
+use crate::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+
+/// Attempts per request before a run fails.
+const REQUEST_ATTEMPTS: u32 = 5;
+
+/// Why a run stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Shop(#[from] ShopError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("interrupted by shutdown; resumes at the next start")]
+    Interrupted,
+    #[error("cancelled: the shop was removed")]
+    Cancelled,
+}
+
+/// A run's visible progress (`sync.progress` in status).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub run_id: u64,
+    pub kind: &'static str,
+    pub store_code: String,
+    pub phase: String,
+    pub started_at: String,
+    pub resumed: bool,
+    /// Products processed in this run.
+    pub done: u64,
+    /// Products this run expects to process, when the shop says.
+    pub total: Option<u64>,
+    pub pages: u64,
+    pub requests: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+    pub item_errors: u64,
+    pub rate_per_s: f64,
+    pub eta_s: Option<u64>,
+    pub percent: Option<f64>,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+/// A finished run, as kept in the `runs` tree.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: u64,
+    pub shop: String,
+    pub kind: String,
+    pub started_at: String,
+    pub ended_at: String,
+    /// `ok`, `failed`, `interrupted`, `cancelled`.
+    pub outcome: String,
+    pub resumed: bool,
+    pub duration_ms: u64,
+    pub pages: u64,
+    pub requests: u64,
+    pub fetched: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+    pub item_errors: u64,
+    pub last_item_error: Option<String>,
+    pub error: Option<Value>,
+}
+
+/// Per-shop sync state.
+struct ShopSync {
+    /// Held while a run of this shop is active: never two at once.
+    lock: Arc<tokio::sync::Mutex<()>>,
+    progress: Mutex<Option<Progress>>,
+    queued: AtomicUsize,
+    cancel: watch::Sender<bool>,
+}
+
+/// Owns the concurrency limits and the visible state of all syncs.
+pub struct SyncManager {
+    permits: Arc<Semaphore>,
+    limit: AtomicUsize,
+    shops: Mutex<HashMap<String, Arc<ShopSync>>>,
+}
+
+impl SyncManager {
+    pub fn new(cfg: &Config) -> SyncManager {
+        SyncManager {
+            permits: Arc::new(Semaphore::new(cfg.sync.max_concurrent_syncs)),
+            limit: AtomicUsize::new(cfg.sync.max_concurrent_syncs),
+            shops: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies a changed `max_concurrent_syncs`.
+    pub fn reconfigure(&self, cfg: &Config) {
+        let new = cfg.sync.max_concurrent_syncs;
+        let old = self.limit.swap(new, Ordering::Relaxed);
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            // Permits in use are taken back as their runs end.
+            let permits = self.permits.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many((old - new) as u32).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    fn shop(&self, name: &str) -> Arc<ShopSync> {
+        self.shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ShopSync {
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    progress: Mutex::new(None),
+                    queued: AtomicUsize::new(0),
+                    cancel: watch::channel(false).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Stops a shop's running sync at its next page (shop removed).
+    pub fn cancel(&self, name: &str) {
+        if let Some(s) = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+            s.cancel.send_replace(true);
+        }
+    }
+
+    fn progress(&self, name: &str) -> Option<Progress> {
+        let s = self.shops.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()?;
+        let p = s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        p
+    }
+
+    fn queued(&self, name: &str) -> bool {
+        self.shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .is_some_and(|s| s.queued.load(Ordering::Relaxed) > 0)
+    }
+
+    /// "acme 40%" for each running sync.
+    pub fn running_summary(&self) -> Vec<String> {
+        let shops: Vec<(String, Arc<ShopSync>)> = self
+            .shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, s) in shops {
+            if let Some(p) = s.progress.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                match p.percent {
+                    Some(pc) => out.push(format!("{name} {pc:.0}%")),
+                    None => out.push(format!("{name} {} products", p.done)),
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The `sync` object of a shop's status.
+    pub fn status_json(&self, d: &Daemon, rec: &ShopRecord) -> Value {
+        let progress = self.progress(&rec.name);
+        let state = if progress.is_some() {
+            "running"
+        } else if self.queued(&rec.name) {
+            "queued"
+        } else {
+            "idle"
+        };
+        let mut products = 0u64;
+        let mut stores = serde_json::Map::new();
+        for code in &rec.store_codes {
+            let c = Mirror::open(&d.store, &rec.name, code)
+                .and_then(|m| m.cursor())
+                .unwrap_or_default();
+            products += c.products;
+            stores.insert(
+                code.clone(),
+                json!({"products": c.products, "cursor_updated_at": c.updated_at, "resumable": c.run.is_some()}),
+            );
+        }
+        let last_run = recent_runs(&d.store, &rec.name, 1).ok().and_then(|mut v| v.pop());
+        let last_error = last_run.as_ref().and_then(|r| r.error.clone());
+        let next = |k| {
+            d.queue
+                .pending(&rec.name, k)
+                .and_then(|j| chrono::DateTime::from_timestamp_millis(j.due_ms as i64))
+                .map(rfc3339)
+        };
+        json!({
+            "state": state,
+            "progress": progress,
+            "last_run": last_run,
+            "last_error": last_error,
+            "products": products,
+            "stores": stores,
+            "next_sync": next(JobKind::Sync),
+            "next_full_sync": next(JobKind::FullSync),
+        })
+    }
+}
+
+/// Runs one leased sync job and schedules the next.
+pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
+    let cfg = d.config();
+    let Some(rec) = d.registry.get(&job.shop) else {
+        let _ = d.queue.complete(&job, None);
+        return;
+    };
+    let full = job.kind == JobKind::FullSync;
+    let interval = if full { cfg.sync.full_interval } else { cfg.sync.interval };
+    let jitter = |i: Duration| (rand::random::<f64>() * i.as_millis() as f64 * 0.1) as u64;
+    let health = d.health.get(&rec.name).state;
+    if !health.may_sync() {
+        tracing::debug!(shop = %rec.name, state = health.as_str(), "sync skipped: shop not reachable");
+        let retry = interval.min(cfg.probe.interval.max(Duration::from_secs(60)));
+        let _ = d.queue.complete(&job, Some(now_ms() + retry.as_millis() as u64));
+        return;
+    }
+
+    let shop = d.syncs.shop(&rec.name);
+    shop.queued.fetch_add(1, Ordering::Relaxed);
+    let mut stop_wait = stop.clone();
+    let lock = shop.lock.clone();
+    let permits = d.syncs.permits.clone();
+    let acquire = async move {
+        let g = lock.lock_owned().await;
+        let p = permits.acquire_owned().await;
+        (g, p)
+    };
+    let acquired = tokio::select! {
+        g = acquire => Some(g),
+        _ = stop_wait.wait_for(|s| *s) => None,
+    };
+    shop.queued.fetch_sub(1, Ordering::Relaxed);
+    let Some((_guard, Ok(_permit))) = acquired else {
+        // Shutting down before it started: it runs at the next start.
+        let _ = d.queue.complete(&job, Some(now_ms()));
+        return;
+    };
+
+    let outcome = run(d, &rec, &shop, full, stop).await;
+    let next = match &outcome {
+        Ok(()) => now_ms() + interval.as_millis() as u64 + jitter(interval),
+        Err(SyncError::Interrupted) => now_ms(),
+        Err(SyncError::Cancelled) => 0,
+        // Failed: try again soon (the probe decides whether the shop is up).
+        Err(_) => now_ms() + interval.min(Duration::from_secs(120)).as_millis() as u64,
+    };
+    let next = if matches!(outcome, Err(SyncError::Cancelled)) { None } else { Some(next) };
+    if let Err(e) = d.queue.complete(&job, next) {
+        tracing::error!(shop = %rec.name, "queue: {e}");
+    }
+    if let Err(e) = d.store.flush().await {
+        tracing::error!("flush: {e}");
+    }
+    d.changed.notify_one();
+}
+
+/// Context of one run, shared by the platform walks.
+pub struct RunCtx<'a> {
+    pub d: &'a Daemon,
+    pub rec: &'a ShopRecord,
+    pub cfg: Arc<Config>,
+    pub run_id: u64,
+    pub full: bool,
+    shop: &'a ShopSync,
+    stop: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
+    pub last_item_error: Option<String>,
+}
+
+impl RunCtx<'_> {
+    /// Checked between pages: a page in flight always completes.
+    pub fn check(&self) -> Result<(), SyncError> {
+        if *self.cancel.borrow() {
+            return Err(SyncError::Cancelled);
+        }
+        if *self.stop.borrow() {
+            return Err(SyncError::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// Updates the visible progress.
+    pub fn update(&self, f: impl FnOnce(&mut Progress)) {
+        let mut g = self.shop.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = g.as_mut() {
+            f(p);
+            if let Some(started) = p.started {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                p.rate_per_s = (p.done as f64 / secs * 10.0).round() / 10.0;
+                if let Some(total) = p.total {
+                    let total = total.max(p.done);
+                    p.percent = Some(if total == 0 { 100.0 } else { (p.done as f64 * 1000.0 / total as f64).round() / 10.0 });
+                    p.eta_s = (p.rate_per_s > 0.0).then(|| ((total - p.done) as f64 / p.rate_per_s) as u64);
+                }
+            }
+        }
+    }
+
+    /// Counts a page's effect.
+    pub fn applied(&self, fetched: u64, a: Applied) {
+        self.update(|p| {
+            p.done += fetched;
+            p.pages += 1;
+            p.created += a.created;
+            p.updated += a.updated;
+            p.unchanged += a.unchanged;
+            p.deleted += a.deleted;
+        });
+        self.d.metrics.add_sync_counts(
+            &self.rec.name,
+            crate::metrics::SyncCounts {
+                fetched,
+                created: a.created,
+                updated: a.updated,
+                deleted: a.deleted,
+            },
+        );
+    }
+
+    /// Runs a shop request with retries: transient failures are retried
+    /// with backoff (honouring `Retry-After`), credential failures are not.
+    pub async fn request<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, SyncError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ShopError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.update(|p| p.requests += 1);
+            let timeout = self.cfg.sync.request_timeout;
+            let result = match tokio::time::timeout(timeout + Duration::from_secs(1), f()).await {
+                Ok(r) => r,
+                Err(_) => Err(ShopError::new(FailureKind::Timeout, format!("{what}: no answer within {}", humantime::format_duration(timeout)))),
+            };
+            match result {
+                Ok(v) => {
+                    self.d.metrics.count_request(&self.rec.name, "ok");
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.d.metrics.count_request(&self.rec.name, e.kind.as_str());
+                    let retriable = !e.kind.is_auth()
+                        && !matches!(e.kind, FailureKind::NotApi | FailureKind::Dns);
+                    if !retriable || attempt >= REQUEST_ATTEMPTS {
+                        return Err(SyncError::Shop(e));
+                    }
+                    let delay = crate::health::retry_delay(&e, attempt, Duration::from_millis(500), Duration::from_secs(30));
+                    tracing::debug!(shop = %self.rec.name, attempt, kind = e.kind.as_str(), delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {}", e.message);
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes the store: the durability point between pages.
+    pub async fn flush(&self) -> Result<(), SyncError> {
+        self.d.store.flush().await?;
+        Ok(())
+    }
+
+    /// Name of the scratch tree of a full reconcile.
+    pub fn scratch(&self, store_code: &str, what: &str) -> String {
+        format!("{what}:{}:{store_code}", self.rec.name)
+    }
+}
+
+async fn run(
+    d: &Daemon,
+    rec: &ShopRecord,
+    shop: &ShopSync,
+    full: bool,
+    stop: watch::Receiver<bool>,
+) -> Result<(), SyncError> {
+    let cfg = d.config();
+    let kind = if full { "full_sync" } else { "sync" };
+    // A run interrupted earlier is resumed under its own id.
+    let mut resumed_id = None;
+    for code in &rec.store_codes {
+        if let Some(r) = Mirror::open(&d.store, &rec.name, code)?.cursor()?.run
+            && r.full == full
+        {
+            resumed_id = Some(r.run_id);
+        }
+    }
+    let run_id = match resumed_id {
+        Some(id) => id,
+        None => d.store.generate_id()?,
+    };
+    let started_at = rfc3339(chrono::Utc::now());
+    let started = Instant::now();
+    *shop.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(Progress {
+        run_id,
+        kind,
+        started_at: started_at.clone(),
+        resumed: resumed_id.is_some(),
+        phase: "starting".into(),
+        started: Some(started),
+        ..Default::default()
+    });
+    tracing::info!(shop = %rec.name, run = run_id, kind, resumed = resumed_id.is_some(), "sync started");
+    d.changed.notify_one();
+
+    let mut ctx = RunCtx {
+        d,
+        rec,
+        cfg: cfg.clone(),
+        run_id,
+        full,
+        shop,
+        stop,
+        cancel: shop.cancel.subscribe(),
+        last_item_error: None,
+    };
+    let result = async {
+        let client = d
+            .registry
+            .client(rec, &client_options(&cfg))
+            .map_err(SyncError::Shop)?;
+        for code in &rec.store_codes {
+            ctx.check()?;
+            ctx.update(|p| p.store_code = code.clone());
+            match &client {
+                ShopClient::M2(c) => m2::sync_store(&mut ctx, c, code).await?,
+                ShopClient::M1(c) => m1::sync_store(&mut ctx, c, code).await?,
+            }
+        }
+        Ok::<(), SyncError>(())
+    }
+    .await;
+
+    let p = shop.progress.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    let took = started.elapsed();
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(SyncError::Interrupted) => "interrupted",
+        Err(SyncError::Cancelled) => "cancelled",
+        Err(_) => "failed",
+    };
+    let error = match &result {
+        Err(SyncError::Shop(e)) => Some(json!({
+            "kind": e.kind, "message": e.message, "hint": crate::health::hint(e.kind, rec.platform),
+        })),
+        Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
+        _ => None,
+    };
+    let record = RunRecord {
+        run_id,
+        shop: rec.name.clone(),
+        kind: kind.into(),
+        started_at,
+        ended_at: rfc3339(chrono::Utc::now()),
+        outcome: outcome.into(),
+        resumed: p.resumed,
+        duration_ms: took.as_millis() as u64,
+        pages: p.pages,
+        requests: p.requests,
+        fetched: p.done,
+        created: p.created,
+        updated: p.updated,
+        unchanged: p.unchanged,
+        deleted: p.deleted,
+        item_errors: p.item_errors,
+        last_item_error: ctx.last_item_error.clone(),
+        error: error.clone(),
+    };
+    if outcome != "cancelled" {
+        save_run(&d.store, &record, cfg.sync.keep_runs)?;
+    }
+    d.metrics.observe_sync(&rec.name, kind, took, result.is_ok());
+    let msg = format!(
+        "sync {outcome}: {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
+        p.done, p.created, p.updated, p.unchanged, p.deleted, p.requests, took.as_secs_f64()
+    );
+    match &result {
+        Ok(()) | Err(SyncError::Interrupted | SyncError::Cancelled) => {
+            tracing::info!(shop = %rec.name, run = run_id, kind, outcome, fetched = p.done, created = p.created, updated = p.updated, deleted = p.deleted, "{msg}")
+        }
+        Err(e) => tracing::warn!(shop = %rec.name, run = run_id, kind, outcome, "{msg}: {e}"),
+    }
+    result
+}
+
+fn run_key(shop: &str, run_id: u64) -> Vec<u8> {
+    let mut k = format!("{shop}/").into_bytes();
+    k.extend_from_slice(&run_id.to_be_bytes());
+    k
+}
+
+fn save_run(store: &Store, r: &RunRecord, keep: usize) -> Result<(), StoreError> {
+    let v = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.runs().insert(run_key(&r.shop, r.run_id), v)?;
+    let prefix = format!("{}/", r.shop);
+    let keys: Vec<sled::IVec> = store
+        .runs()
+        .scan_prefix(prefix.as_bytes())
+        .keys()
+        .filter_map(Result::ok)
+        .collect();
+    if keys.len() > keep {
+        for k in &keys[..keys.len() - keep] {
+            store.runs().remove(k)?;
+        }
+    }
+    Ok(())
+}
+
+/// The last `n` runs of a shop, oldest first.
+pub fn recent_runs(store: &Store, shop: &str, n: usize) -> Result<Vec<RunRecord>, StoreError> {
+    let prefix = format!("{shop}/");
+    let mut out: Vec<RunRecord> = store
+        .runs()
+        .scan_prefix(prefix.as_bytes())
+        .rev()
+        .take(n)
+        .filter_map(|r| r.ok())
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
+/// Forgets a removed shop's runs and scratch state; with `purge`, also its
+/// mirror and checkpoints.
+pub fn forget_shop(store: &Store, shop: &str, purge: bool) -> Result<(), StoreError> {
+    let prefix = format!("{shop}/");
+    for k in store.runs().scan_prefix(prefix.as_bytes()).keys() {
+        store.runs().remove(k?)?;
+    }
+    for what in ["seen", "refetch"] {
+        for code in store_codes_in_cursor(store, shop)? {
+            store.drop_scratch(&format!("{what}:{shop}:{code}"))?;
+        }
+    }
+    if purge {
+        for k in store.cursor().scan_prefix(prefix.as_bytes()).keys() {
+            store.cursor().remove(k?)?;
+        }
+        store.drop_products(shop)?;
+    }
+    Ok(())
+}
+
+fn store_codes_in_cursor(store: &Store, shop: &str) -> Result<Vec<String>, StoreError> {
+    let prefix = format!("{shop}/");
+    let mut out = Vec::new();
+    for k in store.cursor().scan_prefix(prefix.as_bytes()).keys() {
+        let k = k?;
+        out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+    }
+    Ok(out)
+}
+
+/// Full reconcile, last phase: removes every mirrored product whose SKU the
+/// listing did not see. Idempotent, so a resumed run simply walks again.
+pub async fn delete_unseen(
+    ctx: &RunCtx<'_>,
+    mirror: &Mirror,
+    cursor: &mut crate::mirror::Cursor,
+    seen: &sled::Tree,
+) -> Result<(), SyncError> {
+    const BATCH: usize = 500;
+    if seen.is_empty() && cursor.products > 0 {
+        return Err(SyncError::Shop(ShopError::new(
+            FailureKind::Protocol,
+            "the shop listed no products at all while the mirror has some; refusing to delete everything (check the store code and the API user's permissions)",
+        )));
+    }
+    ctx.update(|p| p.phase = "delete".into());
+    let mut from: Option<sled::IVec> = None;
+    loop {
+        ctx.check()?;
+        let mut gone = Vec::new();
+        let mut last = None;
+        let iter = match &from {
+            None => mirror.tree().range::<&[u8], _>(..),
+            Some(k) => mirror.tree().range::<&[u8], _>((std::ops::Bound::Excluded(k.as_ref()), std::ops::Bound::Unbounded)),
+        };
+        let mut scanned = 0;
+        for k in iter.keys() {
+            let k = k.map_err(StoreError::from)?;
+            scanned += 1;
+            if !seen.contains_key(&k).map_err(StoreError::from)? {
+                gone.push(String::from_utf8_lossy(&k).into_owned());
+            }
+            last = Some(k);
+            if scanned >= BATCH * 10 || gone.len() >= BATCH {
+                break;
+            }
+        }
+        if !gone.is_empty() {
+            let a = mirror.apply(&[], &gone, cursor)?;
+            ctx.flush().await?;
+            ctx.applied(0, a);
+        }
+        match last {
+            Some(k) => from = Some(k),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Starts or resumes the run cursor of a store view.
+pub fn begin(ctx: &RunCtx<'_>, cursor: &mut crate::mirror::Cursor, first_phase: &str) -> bool {
+    match &cursor.run {
+        Some(r) if r.run_id == ctx.run_id => true,
+        _ => {
+            cursor.run = Some(crate::mirror::RunCursor {
+                run_id: ctx.run_id,
+                full: ctx.full,
+                phase: first_phase.into(),
+                ..Default::default()
+            });
+            false
+        }
+    }
+}
