@@ -66,6 +66,11 @@ check "the daemon exited 0 (Result=success, status $(prop ExecMainStatus))" \
     test "$(prop Result)/$(prop ExecMainStatus)" = success/0
 check "/run/cobbyd was removed by systemd" test ! -e /run/cobbyd
 journal
+# A sandbox that denies something the daemon needs shows up as a warning or
+# an error (a denied system call fails with EPERM, see the unit).
+warnings=$(journalctl -u cobbyd.service --no-pager -q -p warning)
+[[ -z $warnings ]] || printf '%s\n' "$warnings" | sed 's/^/    ! /'
+check "no warning or error in the daemon's journal so far" test -z "$warnings"
 
 section "a broken config: start fails fast with file: key: problem, and is not retried forever"
 cp "$CONF" /root/cobbyd.toml.good

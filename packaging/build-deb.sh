@@ -20,4 +20,5 @@ target_dir=${target_dir:-$root/target}
 
 packaging/gen-assets.sh "$target_dir/release/cobbyd" >&2
 # cargo-deb prints the path of the .deb it wrote on stdout.
-cargo deb --no-build --locked
+# zlib: Rust's backtraces read zlib-compressed debug sections (not zstd ones).
+cargo deb --no-build --locked --compress-debug-symbols=zlib
