@@ -222,6 +222,10 @@ section "reinstall (the upgrade path of postinst)"
 check "dpkg -i again succeeds" dpkg -i "$deb"
 check "still one statoverride, 640 root:cobbyd" mode_is "$CONF" 640 root cobbyd
 check "the unit is still enabled" test "$(readlink "$WANTS_LINK")" = "$UNIT_FILE"
+check "an admin's systemctl disable works" systemctl disable cobbyd.service
+check "dpkg -i again succeeds" dpkg -i "$deb"
+check "an upgrade keeps the unit disabled" test ! -e "$WANTS_LINK"
+check "systemctl enable works again" systemctl enable cobbyd.service
 
 section "dpkg -r (remove: configuration and state are kept)"
 check "dpkg -r cobbyd succeeds" dpkg -r cobbyd
@@ -231,6 +235,15 @@ check "$UNIT_FILE is gone" test ! -e "$UNIT_FILE"
 check "$CONF is kept" test -f "$CONF"
 check "$STATE is kept" test -d "$STATE"
 check "user cobbyd is kept" getent passwd cobbyd
+check "the unit is masked while removed (as debhelper does)" \
+    test "$(readlink /etc/systemd/system/cobbyd.service)" = /dev/null
+
+section "dpkg -i after remove, then remove again"
+check "dpkg -i succeeds" dpkg -i "$deb"
+check "the mask is gone" test ! -e /etc/systemd/system/cobbyd.service
+check "the unit is enabled again" test "$(readlink "$WANTS_LINK")" = "$UNIT_FILE"
+check "the kept config is still 640 root:cobbyd" mode_is "$CONF" 640 root cobbyd
+check "dpkg -r cobbyd succeeds" dpkg -r cobbyd
 
 section "dpkg -P (purge: configuration and state are gone)"
 check "dpkg -P cobbyd succeeds" dpkg -P cobbyd
