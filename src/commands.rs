@@ -504,13 +504,18 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
             Ok(a) => return refused(&a),
             Err(e) => return fail(&e),
         };
-        let sync = &v["shops"][0]["sync"];
+        let shop = &v["shops"][0];
+        let sync = &shop["sync"];
         let last = &sync["last_run"];
         let last_id = last["run_id"].as_u64().unwrap_or(0);
-        // Done when a run newer than the one running at request time ended
-        // (a run already running when we asked may not include our request).
-        let finished = last_id > last_before && Some(last_id) != running_before.filter(|_| false) && sync["progress"].is_null()
-            && (running_before.is_none() || last_id > running_before.unwrap_or(0));
+        // Done when a run newer than any known at request time has ended (a
+        // run already going then may not include what was asked for).
+        let finished = last_id > last_before.max(running_before.unwrap_or(0)) && sync["progress"].is_null();
+        let state = shop["state"].as_str().unwrap_or("unknown");
+        if sync["progress"].is_null() && matches!(state, "down" | "auth_failed" | "misconfigured") {
+            eprintln!("cobbyd: {}: the shop is {state}; the sync will not run until it is reachable (`cobbyd status {}`)", args.name, args.name);
+            return 1;
+        }
         let line = sync_cell(sync);
         if line != last_line {
             if tty {

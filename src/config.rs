@@ -14,7 +14,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/cobbyd/cobbyd.toml";
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// The whole configuration. Every key is optional.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: DaemonConfig,
@@ -100,17 +100,6 @@ pub struct SyncConfig {
 pub struct MetricsConfig {
     /// Optional TCP listener for Prometheus (`"127.0.0.1:9184"`); off when absent.
     pub listen: Option<SocketAddr>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            daemon: DaemonConfig::default(),
-            probe: ProbeConfig::default(),
-            sync: SyncConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
 }
 
 impl Default for DaemonConfig {

@@ -1,5 +1,349 @@
-//! `cobbyd demo` (written with the simulator).
-pub fn run(_args: crate::cli::DemoArgs) -> u8 {
-    eprintln!("cobbyd demo: not available yet");
-    1
+//! `cobbyd demo`: a new user sees the daemon do its job in one command.
+//! Starts the built-in simulator and a real daemon (this binary, `run`) on
+//! a temporary state directory and socket, adds the shop over the control
+//! socket, follows the first sync with a progress bar, prints the status and
+//! the first products, and keeps running until Ctrl-C (or exits at once with
+//! `--non-interactive` or when stdout is not a terminal). Everything it
+//! created is removed on the way out.
+
+use crate::cli::DemoArgs;
+use crate::commands::{Style, render_status, thousands};
+use crate::control_client::Client;
+use crate::shop::Platform;
+use crate::sim::{SimConfig, SimHandle};
+use hyper::Method;
+use serde_json::{Value, json};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest the demo waits for the daemon to start or the sync to end.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+pub fn run(args: DemoArgs) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cobbyd demo: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let dir = match tempfile::Builder::new().prefix("cobbyd-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cobbyd demo: cannot create a temporary directory: {e}");
+            return 1;
+        }
+    };
+    let mut daemon: Option<Child> = None;
+    let code = runtime.block_on(demo(&args, dir.path(), &mut daemon));
+    if let Some(mut child) = daemon {
+        stop_daemon(&mut child);
+    }
+    println!("Stopped the demo daemon and simulator; removed {}.", dir.path().display());
+    drop(dir);
+    code
+}
+
+fn stop_daemon(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
+    let interactive = !args.non_interactive && std::io::stdout().is_terminal();
+    let style = Style::detect();
+    let platform = args.platform;
+    println!("{}", style.bold("cobbyd demo: a simulated Magento shop, a real daemon, a real sync"));
+    println!();
+
+    // 1. The simulated shop.
+    let sim = match SimHandle::start(SimConfig { products: args.products, ..SimConfig::default() }).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cobbyd demo: cannot start the simulator: {e}");
+            return 1;
+        }
+    };
+    let kind = match platform {
+        Platform::Magento2 => "Magento 2 (REST, OAuth 1.0a)",
+        Platform::Magento1 => "Magento 1 (XML-RPC)",
+    };
+    println!("  shop      {} — simulated {kind}, {} products", sim.url(), thousands(sim.product_count() as u64));
+
+    // 2. The daemon, this very binary, on a private state dir and socket.
+    let socket = dir.join("cobbyd.sock");
+    let config = dir.join("cobbyd.toml");
+    let state = dir.join("state");
+    let log = dir.join("daemon.log");
+    let text = format!(
+        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nsocket_group = \"{}\"\nshutdown_timeout = \"10s\"\n\n[probe]\ninterval = \"30s\"\n\n[sync]\ninterval = \"1m\"\n",
+        state.display(),
+        socket.display(),
+        current_group(),
+    );
+    if let Err(e) = std::fs::write(&config, text) {
+        eprintln!("cobbyd demo: cannot write {}: {e}", config.display());
+        return 1;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cobbyd demo: cannot find my own binary: {e}");
+            return 1;
+        }
+    };
+    let log_file = match std::fs::File::create(&log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cobbyd demo: {e}");
+            return 1;
+        }
+    };
+    match Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+    {
+        Ok(c) => *daemon = Some(c),
+        Err(e) => {
+            eprintln!("cobbyd demo: cannot start the daemon: {e}");
+            return 1;
+        }
+    }
+    let client = Client::new(&socket);
+    let started = Instant::now();
+    loop {
+        if let Ok(a) = client.get("/health").await
+            && a.status.is_success()
+        {
+            break;
+        }
+        if let Some(Ok(Some(status))) = daemon.as_mut().map(Child::try_wait) {
+            eprintln!("cobbyd demo: the daemon exited ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            return 1;
+        }
+        if started.elapsed() > PATIENCE {
+            eprintln!("cobbyd demo: the daemon did not start in time");
+            return 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("  daemon    pid {} — state {}, socket {}", daemon.as_ref().map_or(0, Child::id), state.display(), socket.display());
+
+    // 3. The credentials file an operator would write, and `shop add`.
+    let (creds, creds_name) = match platform {
+        Platform::Magento2 => (sim.credentials().m2_oauth_toml(), "m2-oauth.toml"),
+        Platform::Magento1 => (sim.credentials().m1_toml(), "m1.toml"),
+    };
+    let creds_path = dir.join(creds_name);
+    if let Err(e) = write_private(&creds_path, &creds) {
+        eprintln!("cobbyd demo: cannot write {}: {e}", creds_path.display());
+        return 1;
+    }
+    println!();
+    println!(
+        "$ cobbyd shop add demo --platform {platform} --url {} --credentials-file {}",
+        sim.url(),
+        creds_path.display()
+    );
+    let table: toml::Table = match creds.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cobbyd demo: {e}");
+            return 1;
+        }
+    };
+    let body = json!({"name": "demo", "platform": platform, "url": sim.url(), "credentials": table});
+    match client.request(Method::POST, "/v1/shops", Some(&body)).await {
+        Ok(a) if a.status.is_success() => {
+            let v = a.json().unwrap_or_default();
+            println!("  connection tested: {} — the first sync starts now", style.state(v["state"].as_str().unwrap_or("?")));
+        }
+        Ok(a) => {
+            eprintln!("cobbyd demo: the shop was refused: {}", a.error_message());
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("cobbyd demo: {e}");
+            return 1;
+        }
+    }
+
+    // 4. Follow the sync.
+    println!();
+    let outcome = follow_sync(&client, interactive).await;
+    let Some(last_run) = outcome else {
+        eprintln!("cobbyd demo: the sync did not finish; daemon log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        return 1;
+    };
+    let ok = last_run["outcome"] == "ok";
+    println!(
+        "  sync {}: {} products fetched, {} created, in {:.1}s with {} requests",
+        if ok { style.state("healthy").replace("healthy", "finished") } else { style.state("failed") },
+        thousands(last_run["fetched"].as_u64().unwrap_or(0)),
+        thousands(last_run["created"].as_u64().unwrap_or(0)),
+        last_run["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        last_run["requests"],
+    );
+
+    // 5. Status and the first products.
+    println!();
+    println!("$ cobbyd status");
+    let status = match client.get("/v1/status").await.and_then(|a| a.json()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("cobbyd demo: {e}");
+            return 1;
+        }
+    };
+    print!("{}", render_status(&status, &style));
+    let healthy = status["shops"][0]["state"] == "healthy";
+    println!();
+    println!("$ cobbyd products demo | head -5   (JSONL, exactly as the shop answered; shown trimmed)");
+    let mut export = Vec::new();
+    match client.stream_to("/v1/shops/demo/products?format=jsonl", &mut export).await {
+        Ok(Ok(())) => {
+            for line in export.split(|b| *b == b'\n').filter(|l| !l.is_empty()).take(5) {
+                if let Ok(p) = serde_json::from_slice::<Value>(line) {
+                    println!(
+                        "  {:<28} {:<40} {}",
+                        truncate(p["sku"].as_str().unwrap_or("?"), 28),
+                        truncate(p["name"].as_str().unwrap_or("?"), 40),
+                        p["price"]
+                    );
+                }
+            }
+        }
+        Ok(Err(a)) => eprintln!("cobbyd demo: export refused: {}", a.error_message()),
+        Err(e) => eprintln!("cobbyd demo: export: {e}"),
+    }
+
+    // 6. What to try next.
+    let s = socket.display();
+    println!();
+    if interactive {
+        println!("{}", style.bold("Try next (in another terminal, while this runs):"));
+    } else {
+        println!("{}", style.bold("Try next (run `cobbyd demo` in a terminal to keep it running):"));
+    }
+    println!("  cobbyd status --socket {s}");
+    println!("  cobbyd status --json --socket {s}");
+    println!("  cobbyd products demo --format csv --socket {s} | head");
+    println!("  cobbyd sync demo --full --wait --socket {s}");
+    println!("  cobbyd shop test demo --socket {s}");
+    println!("  curl --unix-socket {s} http://localhost/metrics");
+    println!("  curl -X POST {}/fault -d '{{\"mode\":\"maintenance\"}}'   # then watch status; mode none to heal", sim.control_url());
+    println!("  daemon log: {}", log.display());
+
+    let code = if ok && healthy { 0 } else { 1 };
+    if interactive {
+        println!();
+        println!("The demo keeps running. Press Ctrl-C to stop it and remove its files.");
+        let _ = wait_for_stop().await;
+        println!();
+    }
+    sim.shutdown().await;
+    code
+}
+
+/// Polls the status until the first sync ends; a bar on a terminal, a line
+/// per second otherwise. Returns the finished run.
+async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
+    let bar = if interactive {
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("  syncing {bar:40.cyan/blue} {pos:>7}/{len:7} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("█▉▊▋▌▍▎▏ "),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    loop {
+        let v = client.get("/v1/status?shop=demo").await.ok()?.json().ok()?;
+        let sync = &v["shops"][0]["sync"];
+        let p = &sync["progress"];
+        if !p.is_null() {
+            let done = p["done"].as_u64().unwrap_or(0);
+            let total = p["total"].as_u64().unwrap_or(done).max(done);
+            let msg = format!("{} products/s, {}", thousands(p["rate_per_s"].as_f64().unwrap_or(0.0) as u64), p["phase"].as_str().unwrap_or(""));
+            match &bar {
+                Some(b) => {
+                    b.set_length(total.max(1));
+                    b.set_position(done);
+                    b.set_message(msg);
+                }
+                None if total > 0 && last_print.elapsed() >= Duration::from_secs(1) => {
+                    println!("  syncing {}/{} ({msg})", thousands(done), thousands(total));
+                    last_print = Instant::now();
+                }
+                None => {}
+            }
+        } else if !sync["last_run"].is_null() {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            return Some(sync["last_run"].clone());
+        }
+        if started.elapsed() > PATIENCE {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    let s = s.replace('\n', " ");
+    if s.chars().count() <= n {
+        s
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The caller's primary group, so the socket stays usable by the caller.
+fn current_group() -> String {
+    nix::unistd::Group::from_gid(nix::unistd::getgid())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| "cobbyd".into())
+}
+
+fn write_private(path: &PathBuf, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+async fn wait_for_stop() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
 }

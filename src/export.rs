@@ -79,6 +79,16 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
         match v {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
+            // Lists of plain values (category ids, website ids) read best
+            // as "3,4" in a spreadsheet.
+            Some(Value::Array(items)) if items.iter().all(|i| !i.is_object() && !i.is_array()) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
             Some(other) => other.to_string(),
         }
     };
@@ -106,15 +116,7 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
     } else if let Some(attrs) = p.get("custom_attributes").and_then(Value::as_array) {
         for a in attrs {
             if let Some(code) = a.get("attribute_code").and_then(Value::as_str) {
-                let value = match a.get("value") {
-                    Some(Value::Array(items)) => items
-                        .iter()
-                        .map(|i| text(Some(i)))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => text(other),
-                };
-                custom.push((code.to_string(), value));
+                custom.push((code.to_string(), text(a.get("value"))));
             }
         }
     }

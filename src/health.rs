@@ -120,11 +120,27 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
         Unauthorized => "Access denied at login: the API user name or key is wrong (extra spaces are a classic) or the user was deleted; fix it in System > Web Services > SOAP/XML-RPC Users and run `cobbyd shop rotate`.",
         ForbiddenResource if m2 => "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed.",
         ForbiddenResource => "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles.",
-        BadSignature => "The shop refused the OAuth signature: the consumer secret or access token secret is wrong, or this server's clock is more than 10 minutes off (check NTP).",
+        BadSignature => "The shop refused the OAuth signature: the consumer secret or access token secret is wrong (fix it with `cobbyd shop rotate`), or this server's clock is more than 10 minutes off (check NTP).",
         Session => "The Magento 1 API session expired and logging in again failed: check api/config/session_timeout and the API user.",
         Protocol => "The shop's answer was malformed or cut off: a proxy, a PHP error or a broken module may corrupt API answers; look at the shop's logs.",
         RateLimited => "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists.",
         ServerError => "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message).",
+    }
+}
+
+/// The hint for a shop: bearer-token shops that are refused get the bearer
+/// setting named, since that is the usual cause (off by default since 2.4.4).
+pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
+    let base = hint(kind, shop.platform);
+    if shop.platform == Platform::Magento2
+        && shop.auth == crate::shop::AuthMode::Bearer
+        && matches!(kind, FailureKind::Unauthorized | FailureKind::ForbiddenResource)
+    {
+        format!(
+            "This shop uses --auth bearer, which Magento accepts only when Stores > Configuration > Services > OAuth > Consumer Settings > \"Allow OAuth Access Tokens to be used as standalone Bearer tokens\" (oauth/consumer/enable_integration_as_bearer) is Yes; otherwise register it with OAuth (the default). {base}"
+        )
+    } else {
+        base.to_string()
     }
 }
 

@@ -56,7 +56,10 @@ pub fn init_daemon(level: &str) -> LogHandle {
     let journal = if stderr_is_journal() {
         tracing_journald::layer()
             .ok()
-            .map(|l| l.with_syslog_identifier("cobbyd".into()))
+            // No `F_` prefix: fields land as SHOP=, RUN=, JOB= so that
+            // `journalctl -u cobbyd SHOP=acme` works. Our field names do
+            // not collide with journald's own (MESSAGE, PRIORITY, ...).
+            .map(|l| l.with_syslog_identifier("cobbyd".into()).with_field_prefix(None))
     } else {
         None
     };

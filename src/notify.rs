@@ -43,12 +43,16 @@ pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
-/// Half of `WATCHDOG_USEC` when the watchdog is on for this process.
+/// Half of `WATCHDOG_USEC` when the watchdog is on for this process:
+/// `WATCHDOG_USEC` is set and `WATCHDOG_PID`, when present, is ours.
+/// (`sd_notify::watchdog_enabled` insists on `WATCHDOG_PID`, which a
+/// supervisor other than systemd may not set.)
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec / 2))
-    } else {
-        None
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.trim().parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
     }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }

@@ -137,7 +137,7 @@ pub fn next_record(
             rec.problem = Some(Problem {
                 kind: err.kind,
                 message: err.message.clone(),
-                hint: health::hint(err.kind, shop.platform).to_string(),
+                hint: health::hint_for(err.kind, shop),
                 since,
                 attempts: rec.consecutive_failures,
                 next_try: Some(rfc3339(now + chrono::Duration::from_std(delay).unwrap_or_default())),

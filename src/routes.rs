@@ -263,11 +263,11 @@ struct AddShop {
 }
 
 /// The probe's diagnosis as error details.
-fn diagnosis(err: &crate::magento::ShopError, platform: Platform) -> Value {
+fn diagnosis(err: &crate::magento::ShopError, shop: &ShopRecord) -> Value {
     json!({
         "kind": err.kind,
         "message": err.message,
-        "hint": crate::health::hint(err.kind, platform),
+        "hint": crate::health::hint_for(err.kind, shop),
         "http_status": err.status,
     })
 }
@@ -278,8 +278,9 @@ async fn probe_candidate(d: &Daemon, rec: &ShopRecord) -> crate::probe::Outcome 
     let cfg = d.config();
     let client = ShopClient::new(rec, &client_options(&cfg))?;
     let started = Instant::now();
-    let info = client.probe(rec, cfg.probe.timeout).await?;
-    Ok((info, started.elapsed()))
+    let result = client.probe(rec, cfg.probe.timeout).await;
+    d.metrics.observe_probe(&rec.name, started.elapsed(), result.is_ok());
+    Ok((result?, started.elapsed()))
 }
 
 async fn add_shop(State(d): D, req: Request) -> ApiResult {
@@ -327,7 +328,7 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
             "shop_failed",
             format!("the connection test failed, nothing was saved: {e}"),
         );
-        err.details = Some(diagnosis(e, rec.platform));
+        err.details = Some(diagnosis(e, &rec));
         return Err(err);
     }
     d.registry.put(rec.clone())?;
@@ -351,7 +352,7 @@ async fn remove_shop(State(d): D, Path(name): Path<String>, Query(q): Query<Remo
         return Err(ApiError::no_shop(&name));
     }
     d.registry.remove(&name)?;
-    d.syncs.cancel(&name);
+    d.syncs.cancel(&name, d.config().daemon.shutdown_timeout).await;
     let jobs = d.queue.remove_shop(&name)?;
     d.health.remove(&name)?;
     crate::sync::forget_shop(&d.store, &name, q.purge)?;
@@ -407,7 +408,7 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
             "shop_failed",
             format!("the new credentials failed the connection test; the old ones stay in use: {e}"),
         );
-        err.details = Some(diagnosis(e, rec.platform));
+        err.details = Some(diagnosis(e, &rec));
         return Err(err);
     }
     // One sled insert replaces the record: readers see old or new, never a mix.

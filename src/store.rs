@@ -22,6 +22,9 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 /// Pending flush requests; more wait for room (callers are async).
 const FLUSH_QUEUE: usize = 1024;
 
+/// A flush request: the flusher answers on the sender.
+type FlushRequest = oneshot::Sender<Result<(), String>>;
+
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,8 +69,8 @@ struct Inner {
     cursor: sled::Tree,
     runs: sled::Tree,
     meta: sled::Tree,
-    flush_tx: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
-    flush_rx: std::sync::Mutex<Option<mpsc::Receiver<oneshot::Sender<Result<(), String>>>>>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    flush_rx: std::sync::Mutex<Option<mpsc::Receiver<FlushRequest>>>,
     _lock: nix::fcntl::Flock<File>,
 }
 

@@ -128,9 +128,20 @@ impl M1Client {
     }
 
     /// Proves the shop answers and accepts the API user: logs in when there
-    /// is no session yet, then asks `core_magento.info` for the version.
+    /// is no session yet, asks `core_magento.info` for the version, then
+    /// proves the catalog permission the sync needs with a one-id
+    /// `catalog_product.list` (a role without it faults 2 there, not at
+    /// login).
     pub async fn probe(&self) -> Result<ProbeInfo, ShopError> {
         let info = self.call("core_magento.info", Vec::new()).await?;
+        let one_id = Value::Struct(vec![(
+            "product_id".into(),
+            Value::Struct(vec![
+                ("from".into(), Value::Int(1)),
+                ("to".into(), Value::Int(1)),
+            ]),
+        )]);
+        self.list_products(one_id, None).await?;
         let version = ["magento_edition", "magento_version"]
             .iter()
             .filter_map(|k| info.get(k).and_then(Value::as_str))
@@ -581,8 +592,11 @@ mod tests {
     async fn probe_logs_in_once_and_reuses_the_session() {
         let (addr, log) = shop(|sid, method, _| {
             assert_eq!(sid, SID1);
-            assert_eq!(method, "core_magento.info");
-            ok(info())
+            match method {
+                "core_magento.info" => ok(info()),
+                "catalog_product.list" => ok(Value::Array(vec![])),
+                other => panic!("{other}"),
+            }
         })
         .await;
         let c = client(addr);
@@ -591,7 +605,7 @@ mod tests {
         assert_eq!(p.api_base, format!("http://{addr}/api/xmlrpc/"));
         c.clone().probe().await.unwrap();
         let names: Vec<String> = log.lock().unwrap().iter().map(|r| rpc(r).0).collect();
-        assert_eq!(names, ["login", "call", "call"]);
+        assert_eq!(names, ["login", "call", "call", "call", "call"]);
         let req = log.lock().unwrap()[0].clone();
         assert_eq!(req.method, "POST");
         assert_eq!(req.target, "/api/xmlrpc/");
@@ -752,8 +766,10 @@ mod tests {
             if req.target != "/index.php/api/xmlrpc/" {
                 return html("404 Not Found");
             }
-            match rpc(req).0.as_str() {
-                "login" => ok(Value::str(SID1)),
+            let (name, params) = rpc(req);
+            match (name.as_str(), params.get(1).and_then(Value::as_str)) {
+                ("login", _) => ok(Value::str(SID1)),
+                (_, Some("catalog_product.list")) => ok(Value::Array(vec![])),
                 _ => ok(info()),
             }
         })
@@ -771,6 +787,7 @@ mod tests {
             targets,
             [
                 "/api/xmlrpc/",
+                "/index.php/api/xmlrpc/",
                 "/index.php/api/xmlrpc/",
                 "/index.php/api/xmlrpc/"
             ]

@@ -1046,6 +1046,23 @@ impl Catalog {
             }
         }
 
+        // 3b. Keyset path: the one residual group is "updated_at > T OR
+        // entity_id > I", the time range starts at or after T, and the sort is
+        // the index order: the rows after (T, I) are a contiguous slice.
+        if let ([g], false, [(Field::UpdatedAt, d1), (Field::EntityId, d2)]) =
+            (residual.as_slice(), used_id, sort.as_slice())
+        {
+            if let Some(key) = keyset_after(g).filter(|(t, _)| d1 == d2 && time_lo >= *t) {
+                let s = by_time_slice(time_lo, time_hi);
+                let from = s.partition_point(|(t, id)| (i64::from(*t), i64::from(*id)) <= key);
+                let s = &s[from..];
+                return self.page_of(s.len(), q, |i| {
+                    let i = if *d1 == Dir::Asc { i } else { s.len() - 1 - i };
+                    s[i].1
+                });
+            }
+        }
+
         // 4. General path: collect, filter, sort.
         let keep = |id: u32| -> bool {
             let Some(row) = self.get(id) else {
@@ -1152,6 +1169,23 @@ impl Catalog {
         };
         let rows = (start..end).filter_map(|i| self.get(at(i))).collect();
         Page { total, rows }
+    }
+}
+
+/// `Some((T, I))` when a group reads "`updated_at` > T OR `entity_id` > I"
+/// (in either order, numeric operands): for integer keys the rows it keeps
+/// among those with `updated_at` ≥ T are exactly `(updated_at, id) > (T, I)`.
+fn keyset_after(group: &[Filter]) -> Option<(i64, i64)> {
+    let gt = |f: &Filter, field: Field| match (&f.cond, f.field == field) {
+        (Cond::Gt(Operand::Num(n)), true) if n.is_finite() => Some(n.floor() as i64),
+        _ => None,
+    };
+    match group {
+        [a, b] => match (gt(a, Field::UpdatedAt), gt(b, Field::EntityId)) {
+            (Some(t), Some(i)) => Some((t, i)),
+            _ => Some((gt(b, Field::UpdatedAt)?, gt(a, Field::EntityId)?)),
+        },
+        _ => None,
     }
 }
 
@@ -1325,6 +1359,56 @@ mod tests {
     }
 
     #[test]
+    fn keyset_fast_path_equals_general_path() {
+        let c = Catalog::generate(5, 4000);
+        // A key inside a second shared by many rows, and one at its end.
+        let (t, i) = c.by_time[1500];
+        for (t, i, swap) in [
+            (t, i, false),
+            (t, i, true),
+            (t, 0, false),
+            (t, u32::MAX, false),
+        ] {
+            let ts = fmt_ts(t);
+            let mut or = vec![
+                Filter::new(Field::UpdatedAt, Op::Gt, std::slice::from_ref(&ts)),
+                Filter::new(Field::EntityId, Op::Gt, &[i.to_string()]),
+            ];
+            if swap {
+                or.reverse();
+            }
+            let mut fast = q();
+            fast.groups = vec![vec![Filter::new(Field::UpdatedAt, Op::Gteq, &[ts])], or];
+            fast.sort = vec![(Field::UpdatedAt, Dir::Asc), (Field::EntityId, Dir::Asc)];
+            fast.page_size = Some(100);
+            let mut slow = fast.clone();
+            slow.groups
+                .push(vec![Filter::new(Field::Status, Op::NotNull, &[])]);
+            let expected: Vec<u32> = c
+                .by_time
+                .iter()
+                .filter(|k| **k > (t, i))
+                .map(|(_, id)| *id)
+                .collect();
+            for page in [1, 2, 40] {
+                fast.current_page = page;
+                slow.current_page = page;
+                let a = c.query(&fast, 1);
+                assert_eq!(a, c.query(&slow, 2));
+                assert_eq!(a.total, expected.len());
+                let start = ((page - 1) * 100) as usize;
+                let want: Vec<u32> = expected.iter().skip(start).take(100).copied().collect();
+                assert_eq!(a.rows.iter().map(|r| r.id).collect::<Vec<_>>(), want);
+            }
+            fast.sort = vec![(Field::UpdatedAt, Dir::Desc), (Field::EntityId, Dir::Desc)];
+            slow.sort = fast.sort.clone();
+            fast.current_page = 1;
+            slow.current_page = 1;
+            assert_eq!(c.query(&fast, 1), c.query(&slow, 2));
+        }
+    }
+
+    #[test]
     fn ties_shuffle_without_unique_key() {
         let c = Catalog::generate(3, 20_000);
         let mut qq = q();
@@ -1392,7 +1476,7 @@ mod tests {
         let a = run(vec![vec![Filter::new(
             Field::UpdatedAt,
             Op::Lteq,
-            &[t.clone()],
+            std::slice::from_ref(&t),
         )]]);
         let b = run(vec![vec![Filter::new(Field::UpdatedAt, Op::Gt, &[t])]]);
         assert_eq!(a.len() + b.len(), 2000);

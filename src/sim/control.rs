@@ -36,6 +36,10 @@ fn bad(kind: &str, message: &str) -> Resp {
     json(400, &json!({"error": {"kind": kind, "message": message}}))
 }
 
+fn boxed_bad(kind: &str, message: &str) -> Box<Resp> {
+    Box::new(bad(kind, message))
+}
+
 fn ok() -> Resp {
     json(200, &json!({"ok": true}))
 }
@@ -59,14 +63,14 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
     } else {
         Value::Null
     };
-    let count = || -> Result<usize, Resp> {
+    let count = || -> Result<usize, Box<Resp>> {
         body.get("count")
             .and_then(Value::as_u64)
             .filter(|n| *n <= MAX_COUNT)
             .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| bad("bad_request", "expected {\"count\": k}"))
+            .ok_or_else(|| boxed_bad("bad_request", "expected {\"count\": k}"))
     };
-    let skus = || -> Result<Vec<String>, Resp> {
+    let skus = || -> Result<Vec<String>, Box<Resp>> {
         body.get("skus")
             .and_then(Value::as_array)
             .map(|a| {
@@ -74,13 +78,13 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
                     .filter_map(|s| s.as_str().map(str::to_string))
                     .collect()
             })
-            .ok_or_else(|| bad("bad_request", "expected {\"skus\": [...]}"))
+            .ok_or_else(|| boxed_bad("bad_request", "expected {\"skus\": [...]}"))
     };
-    let resource = || -> Result<String, Resp> {
+    let resource = || -> Result<String, Box<Resp>> {
         body.get("resource")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| bad("bad_request", "expected {\"resource\": ...}"))
+            .ok_or_else(|| boxed_bad("bad_request", "expected {\"resource\": ...}"))
     };
     let r = match (&method, path.as_str()) {
         (&Method::GET, "/health") => Ok(json(200, &json!({"status": "ok"}))),
@@ -96,7 +100,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
                 sim.set_fault(f);
                 Ok(json(200, &shown))
             }
-            Err(e) => Err(bad("bad_request", &e)),
+            Err(e) => Err(boxed_bad("bad_request", &e)),
         },
         (&Method::POST, "/acl/revoke") => resource().map(|r| {
             sim.revoke(&r);
@@ -111,7 +115,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
                 sim.set_bearer_enabled(on);
                 Ok(ok())
             }
-            None => Err(bad("bad_request", "expected {\"enabled\": bool}")),
+            None => Err(boxed_bad("bad_request", "expected {\"enabled\": bool}")),
         },
         (&Method::POST, "/sessions/expire") => {
             sim.expire_sessions();
@@ -137,9 +141,12 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
             let ts = body
                 .get("updated_at")
                 .and_then(Value::as_str)
-                .ok_or_else(|| bad("bad_request", "expected \"updated_at\""))?;
+                .ok_or_else(|| boxed_bad("bad_request", "expected \"updated_at\""))?;
             if crate::sim::catalog::parse_ts(ts).is_none() {
-                return Err(bad("bad_request", "updated_at is not YYYY-MM-DD HH:MM:SS"));
+                return Err(boxed_bad(
+                    "bad_request",
+                    "updated_at is not YYYY-MM-DD HH:MM:SS",
+                ));
             }
             sim.set_updated_at(&s, ts);
             Ok(ok())
@@ -150,5 +157,5 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
             &json!({"error": {"kind": "not_found", "message": format!("no route {method} {path}")}}),
         )),
     };
-    r.unwrap_or_else(|e| e)
+    r.unwrap_or_else(|e| *e)
 }

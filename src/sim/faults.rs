@@ -13,8 +13,12 @@ pub enum Fault {
     /// Behave.
     #[default]
     None,
-    /// The shop listener stops accepting: connections are refused, open ones
-    /// are dropped. The control listener still answers.
+    /// The shop listener stops accepting: new connections are refused, and
+    /// open ones are shut down before `set_fault` returns. As with a real web
+    /// server that stops, a client reusing a pooled keep-alive connection
+    /// sees that one request fail with "connection closed before message
+    /// completed"; its next connection is refused. The control listener
+    /// still answers.
     Down,
     /// 503 with an HTML maintenance page on every shop route, XML-RPC
     /// included.
@@ -130,7 +134,8 @@ pub fn internal_error(xmlrpc: bool, report: u64) -> Resp {
     } else {
         let body = serde_json::json!({
             "message": format!(
-                "Internal Error. Details are available in Magento log file. Report ID: webapi-{report:013x}"
+                "Internal Error. Details are available in Magento log file. Report ID: webapi-{:013x}",
+                report & 0xF_FFFF_FFFF_FFFF
             )
         });
         json_bytes(500, body.to_string().into_bytes())

@@ -38,6 +38,10 @@ fn error(status: u16, message: &str, parameters: Option<Value>) -> Resp {
     json(status, &body)
 }
 
+fn fail<T>(r: Resp) -> Result<T, Box<Resp>> {
+    Err(Box::new(r))
+}
+
 fn no_route() -> Resp {
     error(404, "Request does not match any route.", None)
 }
@@ -127,7 +131,7 @@ fn unix_now() -> u64 {
 
 /// Checks the `Authorization` header of a request for a route protected by
 /// `resource`. `Err` carries the answer to send.
-fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Result<(), Resp> {
+fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Result<(), Box<Resp>> {
     let creds = &inner.cfg.credentials;
     let header = req
         .headers()
@@ -144,18 +148,18 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
         if inner.bearer.load(std::sync::atomic::Ordering::Relaxed) && token == creds.access_token {
             return Ok(());
         }
-        return Err(not_authorized(resource));
+        return fail(not_authorized(resource));
     }
     if !scheme_is("oauth ") {
         // Missing or another scheme: an anonymous request.
-        return Err(not_authorized(resource));
+        return fail(not_authorized(resource));
     }
     let Ok(p) = oauth::parse_authorization(header) else {
-        return Err(not_authorized(resource));
+        return fail(not_authorized(resource));
     };
     if let Some(v) = p.version.as_deref() {
         if v != "1.0" {
-            return Err(error(
+            return fail(error(
                 400,
                 "OAuth version %1 is not supported",
                 Some(json!([v])),
@@ -163,29 +167,29 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
         }
     }
     if p.signature_method != oauth::SIGNATURE_METHOD {
-        return Err(error(
+        return fail(error(
             400,
             "Signature method %1 is not supported",
             Some(json!([p.signature_method])),
         ));
     }
     if p.consumer_key != creds.consumer_key {
-        return Err(error(
+        return fail(error(
             401,
             "A consumer having the specified key does not exist",
             None,
         ));
     }
     if p.token != creds.access_token {
-        return Err(error(401, "Specified token does not exist", None));
+        return fail(error(401, "Specified token does not exist", None));
     }
     let now = unix_now();
     let nonce_error = || error(401, "An error occurred validating the nonce", None);
     if p.timestamp.abs_diff(now) > MAX_DRIFT {
-        return Err(nonce_error());
+        return fail(nonce_error());
     }
     if !lock(&inner.nonces).insert(&p.nonce, now) {
-        return Err(nonce_error());
+        return fail(nonce_error());
     }
     let host = req
         .headers()
@@ -208,7 +212,7 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
         )
     });
     if !ok {
-        return Err(error(
+        return fail(error(
             401,
             "The signature is invalid. Verify and try again.",
             None,
@@ -365,15 +369,17 @@ pub struct Criteria {
     pub echo: Value,
 }
 
-fn int_of(node: &Node) -> Result<i64, Resp> {
+fn int_of(node: &Node) -> Result<i64, Box<Resp>> {
     let s = node.leaf().unwrap_or("");
-    s.trim().parse::<i64>().map_err(|_| bad_type(s, "int"))
+    s.trim()
+        .parse::<i64>()
+        .map_err(|_| Box::new(bad_type(s, "int")))
 }
 
 /// Reads `searchCriteria` from a parsed query. `Err` is the 400 to answer.
-pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Resp> {
+pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Box<Resp>> {
     let Some(sc) = root.get("searchCriteria") else {
-        return Err(required("searchCriteria"));
+        return fail(required("searchCriteria"));
     };
     let mut query = Query::default();
     let mut echo = serde_json::Map::new();
@@ -387,7 +393,7 @@ pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Resp>
         let mut filters_echo = Vec::new();
         for (_, f) in g.get("filters").map(Node::members).unwrap_or(&[]) {
             let Some(field_name) = f.get("field").and_then(Node::leaf) else {
-                return Err(required("field"));
+                return fail(required("field"));
             };
             let value = f.get("value").and_then(Node::leaf).unwrap_or("");
             let ctype = f
@@ -403,7 +409,7 @@ pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Resp>
             }
             filters_echo.push(Value::Object(fe));
             let Some(field) = Field::from_m2(field_name) else {
-                return Err(error(
+                return fail(error(
                     400,
                     "Invalid attribute name: %1",
                     Some(json!([field_name])),
@@ -411,7 +417,7 @@ pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Resp>
             };
             let op_name = ctype.filter(|c| !c.is_empty()).unwrap_or("eq");
             let Some(op) = Op::parse(op_name) else {
-                return Err(error(
+                return fail(error(
                     400,
                     "Invalid condition type: %1",
                     Some(json!([op_name])),
@@ -458,7 +464,7 @@ pub fn parse_criteria(root: &Node, max_page_size: u32) -> Result<Criteria, Resp>
     if let Some(ps) = sc.get_any(&["pageSize", "page_size"]) {
         let n = int_of(ps)?;
         if n > i64::from(max_page_size) {
-            return Err(error(
+            return fail(error(
                 400,
                 "Maximum SearchCriteria pageSize is %max",
                 Some(json!({ "max": max_page_size })),
@@ -796,7 +802,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
             return no_route();
         }
     };
-    let known = store == "all" || inner.cfg.store_codes.iter().any(|s| *s == store);
+    let known = store == "all" || inner.cfg.store_codes.contains(&store);
     let Some(route) = route(req.method(), after).filter(|_| known) else {
         c.route("REST no route");
         return no_route();
@@ -810,7 +816,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
     let resource = route.resource();
     if let Err(resp) = authenticate(inner, &req, resource) {
         bump(&c.auth_failures);
-        return resp;
+        return *resp;
     }
     if lock(&inner.revoked).contains(resource) {
         bump(&c.auth_failures);
@@ -834,9 +840,21 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
         Route::Products => list_products(inner, req.uri().query().unwrap_or(""), lang).await,
         Route::Product(sku) => {
             let found = read(&inner.catalog).find_sku(&sku);
-            match found {
-                Some(r) => json(200, &Item::new(inner.cfg.seed, &r, lang, true)),
-                None => product_missing(),
+            let Some(r) = found else {
+                return product_missing();
+            };
+            let item = Item::new(inner.cfg.seed, &r, lang, true);
+            let fields = Node::parse_query(req.uri().query().unwrap_or(""))
+                .get("fields")
+                .and_then(Node::leaf)
+                .filter(|f| !f.trim().is_empty())
+                .map(parse_fields);
+            match fields {
+                None => json(200, &item),
+                Some(f) => match serde_json::to_value(&item) {
+                    Ok(v) => json(200, &project(v, &f)),
+                    Err(_) => error(500, "Internal Error.", None),
+                },
             }
         }
         Route::PutProduct(sku) => put_product(inner, req, &sku, lang).await,
@@ -847,7 +865,7 @@ async fn list_products(inner: &Arc<Inner>, raw_query: &str, lang: Lang) -> Resp 
     let root = Node::parse_query(raw_query);
     let crit = match parse_criteria(&root, inner.cfg.max_page_size) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let fields = root
         .get("fields")

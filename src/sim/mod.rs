@@ -482,7 +482,9 @@ impl SimHandle {
     }
 
     /// Every product exactly as `GET /V1/products` returns the item in this
-    /// store view (full, no `fields`), sorted by SKU.
+    /// store view (full, no `fields`), sorted by SKU. Builds every item in
+    /// memory (about 3 KiB each): for very large catalogs use
+    /// [`SimHandle::m2_item`] with [`SimHandle::skus`].
     pub fn m2_items(&self, store_code: &str) -> Vec<serde_json::Value> {
         let (seed, rows) = self.all_rows();
         let lang = catalog::Lang::for_store(store_code);
@@ -516,6 +518,33 @@ impl SimHandle {
             .collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         items.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// One product as `GET /V1/products` lists it (no stock item), by SKU
+    /// (case-insensitive); for catalogs too big for [`SimHandle::m2_items`].
+    pub fn m2_item(&self, sku: &str, store_code: &str) -> Option<serde_json::Value> {
+        let row = read(&self.inner.catalog).find_sku(sku)?;
+        let item = m2::Item::new(
+            self.inner.cfg.seed,
+            &row,
+            catalog::Lang::for_store(store_code),
+            false,
+        );
+        serde_json::to_value(&item).ok()
+    }
+
+    /// One product as `catalog_product.info` returns it, by SKU.
+    pub fn m1_item(&self, sku: &str, store_code: &str) -> Option<serde_json::Value> {
+        let row = read(&self.inner.catalog).find_sku(sku)?;
+        Some(
+            m1::info_value(
+                self.inner.cfg.seed,
+                &row,
+                catalog::Lang::for_store(store_code),
+                None,
+            )
+            .to_json(),
+        )
     }
 
     fn all_rows(&self) -> (u64, Vec<catalog::Row>) {
@@ -658,4 +687,46 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     #[cfg(not(unix))]
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = SimCredentials::default();
+        let paths = write_credentials(dir.path(), &creds).unwrap();
+        assert_eq!(paths.len(), 3);
+        for p in &paths {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+        }
+        let m2: toml::Table = std::fs::read_to_string(&paths[0]).unwrap().parse().unwrap();
+        assert_eq!(
+            m2["consumer_secret"].as_str(),
+            Some(creds.consumer_secret.as_str())
+        );
+        assert_eq!(m2.len(), 4);
+        let bearer: toml::Table = creds.m2_bearer_toml().parse().unwrap();
+        assert_eq!(
+            bearer["access_token"].as_str(),
+            Some(creds.access_token.as_str())
+        );
+        let m1: toml::Table = creds.m1_toml().parse().unwrap();
+        assert_eq!(m1["api_key"].as_str(), Some(creds.api_key.as_str()));
+        for v in [
+            &creds.consumer_key,
+            &creds.consumer_secret,
+            &creds.access_token,
+            &creds.access_token_secret,
+            &creds.api_key,
+        ] {
+            assert_eq!(v.len(), 32);
+        }
+        let dbg = format!("{creds:?}");
+        assert!(!dbg.contains(&creds.consumer_secret) && !dbg.contains(&creds.api_key));
+    }
 }

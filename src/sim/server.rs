@@ -18,6 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -95,6 +96,12 @@ pub(super) struct Listeners {
     control_epoch: watch::Sender<u64>,
     stopped: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// Duplicates of the open shop connections' descriptors, so that going
+    /// down closes them before `set_fault` returns (a client's pooled
+    /// connection then fails before its next request is written, and its
+    /// retry meets the refused port).
+    shop_conns: HashMap<u64, std::net::TcpStream>,
+    next_conn: u64,
 }
 
 impl Listeners {
@@ -107,6 +114,8 @@ impl Listeners {
             control_epoch: watch::channel(0).0,
             stopped: false,
             tasks: Vec::new(),
+            shop_conns: HashMap::new(),
+            next_conn: 0,
         }
     }
 }
@@ -166,6 +175,43 @@ pub(super) fn shop_down(inner: &Arc<Inner>) {
     if let Some(k) = ls.shop_kill.take() {
         let _ = k.shutdown(Shutdown::Both);
         ls.shop_epoch.send_modify(|e| *e += 1);
+    }
+    for (_, c) in ls.shop_conns.drain() {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+/// Removes a connection from the registry when its task ends.
+struct ConnGuard {
+    inner: Arc<Inner>,
+    id: Option<u64>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            lock(&self.inner.listeners).shop_conns.remove(&id);
+        }
+    }
+}
+
+fn register(inner: &Arc<Inner>, side: Side, stream: &tokio::net::TcpStream) -> ConnGuard {
+    let id = match side {
+        Side::Control => None,
+        Side::Shop => {
+            use std::os::fd::AsFd as _;
+            stream.as_fd().try_clone_to_owned().ok().map(|fd| {
+                let mut ls = lock(&inner.listeners);
+                ls.next_conn += 1;
+                let id = ls.next_conn;
+                ls.shop_conns.insert(id, std::net::TcpStream::from(fd));
+                id
+            })
+        }
+    };
+    ConnGuard {
+        inner: inner.clone(),
+        id,
     }
 }
 
@@ -260,6 +306,7 @@ async fn serve_conn(
     mut rx: watch::Receiver<u64>,
     epoch: u64,
 ) {
+    let _guard = register(&inner, side, &stream);
     let svc = service_fn(move |req: Request<Incoming>| {
         let inner = inner.clone();
         async move {

@@ -77,6 +77,9 @@ fn ids_of(list: &[Value]) -> Vec<i64> {
     ids
 }
 
+/// One product's `catalog_product.info` answer, by id.
+type Answer = (i64, Result<Value, crate::magento::xmlrpc::Fault>);
+
 /// Fetches details of `ids` in `multiCall` batches; per-item faults are
 /// counted, and "Product not exists" (101) is reported as gone.
 async fn fetch(
@@ -88,7 +91,7 @@ async fn fetch(
     let batch = ctx.cfg.sync.m1_batch_size as usize;
     let concurrency = ctx.cfg.sync.shop_concurrency;
     let ctx_ref: &RunCtx<'_> = ctx;
-    let results: Vec<Result<Vec<(i64, Result<Value, crate::magento::xmlrpc::Fault>)>, SyncError>> =
+    let results: Vec<Result<Vec<Answer>, SyncError>> =
         futures_util::stream::iter(ids.chunks(batch).map(<[i64]>::to_vec).collect::<Vec<_>>())
             .map(|chunk: Vec<i64>| {
                 let calls: Vec<(String, Vec<Value>)> = chunk

@@ -36,6 +36,11 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M2Client, code: &str) -> 
     let mirror = Mirror::open(&ctx.d.store, &ctx.rec.name, code)?;
     let mut cursor = mirror.cursor()?;
     if !begin(ctx, &mut cursor, "catch_up") {
+        // A new run re-reads the checkpoint's whole second: products saved
+        // in that second after the last run may have smaller ids than
+        // `last_id` (MAGENTO.md: re-read the boundary second). A resumed
+        // run keeps its exact position.
+        cursor.last_id = 0;
         mirror.save_cursor(&cursor)?;
     }
     let seen_name = ctx.scratch(code, "seen");

@@ -153,17 +153,22 @@ impl SyncManager {
             .clone()
     }
 
-    /// Stops a shop's running sync at its next page (shop removed).
-    pub fn cancel(&self, name: &str) {
-        if let Some(s) = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+    /// Stops a shop's running sync at its next page (shop removed) and
+    /// waits (bounded) until it has, so nothing writes to the shop's trees
+    /// once this returns.
+    pub async fn cancel(&self, name: &str, wait: Duration) {
+        let shop = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(s) = shop {
             s.cancel.send_replace(true);
+            if tokio::time::timeout(wait, s.lock.clone().lock_owned()).await.is_err() {
+                tracing::warn!(shop = name, "the running sync did not stop in time");
+            }
         }
     }
 
     fn progress(&self, name: &str) -> Option<Progress> {
         let s = self.shops.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()?;
-        let p = s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        p
+        s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn queued(&self, name: &str) -> bool {
@@ -420,19 +425,24 @@ async fn run(
 ) -> Result<(), SyncError> {
     let cfg = d.config();
     let kind = if full { "full_sync" } else { "sync" };
-    // A run interrupted earlier is resumed under its own id.
+    // Ids start at 1: 0 means "no run" to clients. Every attempt gets a new
+    // id, so that a failed or interrupted attempt keeps its record and
+    // clients waiting for "a run newer than N" see the resumed one end.
+    let run_id = d.store.generate_id()? + 1;
+    // A run interrupted earlier (shutdown, crash, failure) is resumed from
+    // its checkpoint: its run cursors are handed to this run.
     let mut resumed_id = None;
     for code in &rec.store_codes {
-        if let Some(r) = Mirror::open(&d.store, &rec.name, code)?.cursor()?.run
+        let mirror = Mirror::open(&d.store, &rec.name, code)?;
+        let mut cursor = mirror.cursor()?;
+        if let Some(r) = cursor.run.as_mut()
             && r.full == full
         {
             resumed_id = Some(r.run_id);
+            r.run_id = run_id;
+            mirror.save_cursor(&cursor)?;
         }
     }
-    let run_id = match resumed_id {
-        Some(id) => id,
-        None => d.store.generate_id()?,
-    };
     let started_at = rfc3339(chrono::Utc::now());
     let started = Instant::now();
     *shop.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(Progress {
@@ -444,7 +454,7 @@ async fn run(
         started: Some(started),
         ..Default::default()
     });
-    tracing::info!(shop = %rec.name, run = run_id, kind, resumed = resumed_id.is_some(), "sync started");
+    tracing::info!(shop = %rec.name, run = run_id, kind, resumed = resumed_id.is_some(), resumed_from = resumed_id.unwrap_or(0), "sync started");
     d.changed.notify_one();
 
     let mut ctx = RunCtx {
@@ -485,7 +495,7 @@ async fn run(
     };
     let error = match &result {
         Err(SyncError::Shop(e)) => Some(json!({
-            "kind": e.kind, "message": e.message, "hint": crate::health::hint(e.kind, rec.platform),
+            "kind": e.kind, "message": e.message, "hint": crate::health::hint_for(e.kind, rec),
         })),
         Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
         _ => None,

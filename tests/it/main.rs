@@ -1,0 +1,11 @@
+//! Integration tests: the real `cobbyd` binary, its real socket, and
+//! simulated shops over real HTTP on 127.0.0.1. One test binary (one link)
+//! with a module per area.
+
+mod harness;
+
+mod daemon;
+mod shops;
+mod sync;
+mod sync_util;
+mod operate;
