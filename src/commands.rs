@@ -41,12 +41,17 @@ pub struct Style {
 impl Style {
     pub fn detect() -> Style {
         Style {
-            on: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            on: std::io::stdout().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         }
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.on { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+        if self.on {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
     }
 
     pub fn state(&self, state: &str) -> String {
@@ -73,15 +78,29 @@ pub fn relative(ts: Option<&str>) -> String {
         return "-".into();
     };
     let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds();
-    let (n, future) = if secs < 0 { (-secs, true) } else { (secs, false) };
+    let (n, future) = if secs < 0 {
+        (-secs, true)
+    } else {
+        (secs, false)
+    };
     let span = match n {
-        0..=1 => return if future { "now".into() } else { "just now".into() },
+        0..=1 => {
+            return if future {
+                "now".into()
+            } else {
+                "just now".into()
+            };
+        }
         2..=89 => format!("{n} s"),
         90..=5399 => format!("{} min", (n + 30) / 60),
         5400..=129_599 => format!("{} h", (n + 1800) / 3600),
         _ => format!("{} d", (n + 43_200) / 86_400),
     };
-    if future { format!("in {span}") } else { format!("{span} ago") }
+    if future {
+        format!("in {span}")
+    } else {
+        format!("{span} ago")
+    }
 }
 
 /// 12345 → "12,345".
@@ -111,9 +130,17 @@ pub fn sync_cell(sync: &Value) -> String {
     if let Some(p) = sync.get("progress").filter(|p| !p.is_null()) {
         let done = p["done"].as_u64().unwrap_or(0);
         let rate = p["rate_per_s"].as_f64().unwrap_or(0.0);
-        let mut s = format!("{} {}", p["kind"].as_str().unwrap_or("sync"), p["phase"].as_str().unwrap_or(""));
+        let mut s = format!(
+            "{} {}",
+            p["kind"].as_str().unwrap_or("sync"),
+            p["phase"].as_str().unwrap_or("")
+        );
         match (p["percent"].as_f64(), p["total"].as_u64()) {
-            (Some(pc), Some(total)) => s.push_str(&format!(" {pc:.0}% ({}/{})", thousands(done), thousands(total))),
+            (Some(pc), Some(total)) => s.push_str(&format!(
+                " {pc:.0}% ({}/{})",
+                thousands(done),
+                thousands(total)
+            )),
             _ => s.push_str(&format!(" {}", thousands(done))),
         }
         s.push_str(&format!(", {}/s", thousands(rate as u64)));
@@ -151,7 +178,16 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         out.push_str("\nNo shops yet. Add one with `cobbyd shop add NAME --platform magento2 --url URL --credentials-file FILE`.\n");
         return out;
     }
-    let header = ["SHOP", "PLATFORM", "STATE", "SINCE", "LAST PROBE", "NEXT PROBE", "PRODUCTS", "SYNC"];
+    let header = [
+        "SHOP",
+        "PLATFORM",
+        "STATE",
+        "SINCE",
+        "LAST PROBE",
+        "NEXT PROBE",
+        "PRODUCTS",
+        "SYNC",
+    ];
     let rows: Vec<[String; 8]> = shops
         .iter()
         .map(|s| {
@@ -198,7 +234,11 @@ pub fn render_status(v: &Value, style: &Style) -> String {
                 p["kind"].as_str().unwrap_or("?"),
                 p["message"].as_str().unwrap_or(""),
                 p["attempts"],
-                if p["attempts"].as_u64() == Some(1) { "" } else { "s" },
+                if p["attempts"].as_u64() == Some(1) {
+                    ""
+                } else {
+                    "s"
+                },
                 relative(p["since"].as_str()),
                 p["hint"].as_str().unwrap_or(""),
             ));
@@ -226,7 +266,11 @@ pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
     };
     if !a.status.is_success() {
         eprintln!("cobbyd: {}", a.error_message());
-        return if a.status == hyper::StatusCode::NOT_FOUND { 1 } else { 4 };
+        return if a.status == hyper::StatusCode::NOT_FOUND {
+            1
+        } else {
+            4
+        };
     }
     let v = match a.json() {
         Ok(v) => v,
@@ -263,7 +307,8 @@ pub fn read_credentials(path: &Path) -> Result<String, String> {
             .read_to_string(&mut text)
             .map_err(|e| format!("reading credentials from standard input: {e}"))?;
     } else {
-        let f = std::fs::File::open(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+        let f = std::fs::File::open(path)
+            .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
         if let Ok(meta) = f.metadata() {
             use std::os::unix::fs::PermissionsExt;
             if meta.permissions().mode() & 0o077 != 0 {
@@ -278,7 +323,9 @@ pub fn read_credentials(path: &Path) -> Result<String, String> {
             .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
     }
     if text.len() as u64 > MAX_CREDENTIALS {
-        return Err(format!("credentials: more than {MAX_CREDENTIALS} bytes; is this the right file?"));
+        return Err(format!(
+            "credentials: more than {MAX_CREDENTIALS} bytes; is this the right file?"
+        ));
     }
     Ok(text)
 }
@@ -288,7 +335,9 @@ pub fn read_credentials(path: &Path) -> Result<String, String> {
 fn credentials_json(path: &Path, platform: Platform, auth: AuthMode) -> Result<Value, String> {
     let text = read_credentials(path)?;
     Credentials::parse_toml(&text, platform, auth).map_err(|e| format!("credentials: {e}"))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
     serde_json::to_value(table).map_err(|e| e.to_string())
 }
 
@@ -326,14 +375,27 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                         s["platform"].as_str().unwrap_or("?"),
                         s["auth"].as_str().unwrap_or("?"),
                         s["url"].as_str().unwrap_or("?"),
-                        s["store_codes"].as_array().map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default()
+                        s["store_codes"]
+                            .as_array()
+                            .map(|c| c
+                                .iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default()
                     );
                 }
             }
             0
         }
         ShopCommand::Show { name, json } => {
-            let a = match client.get(&format!("/v1/shops/{}", crate::magento::oauth::encode(name))).await {
+            let a = match client
+                .get(&format!(
+                    "/v1/shops/{}",
+                    crate::magento::oauth::encode(name)
+                ))
+                .await
+            {
                 Ok(a) => a,
                 Err(e) => return fail(&e),
             };
@@ -352,7 +414,14 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                     o.remove("status");
                 }
                 for (k, val) in shown.as_object().into_iter().flatten() {
-                    println!("{k:<12} {}", if val.is_string() { val.as_str().unwrap_or("").to_string() } else { val.to_string() });
+                    println!(
+                        "{k:<12} {}",
+                        if val.is_string() {
+                            val.as_str().unwrap_or("").to_string()
+                        } else {
+                            val.to_string()
+                        }
+                    );
                 }
                 let status = json!({"daemon": {}, "shops": [v["status"].clone()]});
                 let table = render_status(&status, &Style::detect());
@@ -362,7 +431,11 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
         }
         ShopCommand::Test { name, json } => {
             let a = match client
-                .request(Method::POST, &format!("/v1/shops/{}/test", crate::magento::oauth::encode(name)), Some(&json!({})))
+                .request(
+                    Method::POST,
+                    &format!("/v1/shops/{}/test", crate::magento::oauth::encode(name)),
+                    Some(&json!({})),
+                )
                 .await
             {
                 Ok(a) => a,
@@ -382,25 +455,53 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 println!(
                     "{name}: OK — the shop answers and accepts the credentials ({} ms{}{})",
                     v["latency_ms"],
-                    v["version"].as_str().map(|s| format!(", Magento {s}")).unwrap_or_default(),
-                    v["product_count"].as_u64().map(|n| format!(", {} products visible", thousands(n))).unwrap_or_default(),
+                    v["version"]
+                        .as_str()
+                        .map(|s| format!(", Magento {s}"))
+                        .unwrap_or_default(),
+                    v["product_count"]
+                        .as_u64()
+                        .map(|n| format!(", {} products visible", thousands(n)))
+                        .unwrap_or_default(),
                 );
             } else {
                 let p = &v["problem"];
-                println!("{name}: {} — {}: {}", v["state"].as_str().unwrap_or("?"), p["kind"].as_str().unwrap_or("?"), p["message"].as_str().unwrap_or(""));
+                println!(
+                    "{name}: {} — {}: {}",
+                    v["state"].as_str().unwrap_or("?"),
+                    p["kind"].as_str().unwrap_or("?"),
+                    p["message"].as_str().unwrap_or("")
+                );
                 println!("hint: {}", p["hint"].as_str().unwrap_or(""));
             }
             if ok { 0 } else { 1 }
         }
-        ShopCommand::Rotate { name, credentials_file } => {
-            let shown = match client.get(&format!("/v1/shops/{}", crate::magento::oauth::encode(name))).await {
+        ShopCommand::Rotate {
+            name,
+            credentials_file,
+        } => {
+            let shown = match client
+                .get(&format!(
+                    "/v1/shops/{}",
+                    crate::magento::oauth::encode(name)
+                ))
+                .await
+            {
                 Ok(a) if a.status.is_success() => a,
                 Ok(a) => return refused(&a),
                 Err(e) => return fail(&e),
             };
             let v = shown.json().unwrap_or_default();
-            let platform = if v["platform"] == "magento1" { Platform::Magento1 } else { Platform::Magento2 };
-            let auth = if v["auth"] == "bearer" { AuthMode::Bearer } else { AuthMode::Oauth };
+            let platform = if v["platform"] == "magento1" {
+                Platform::Magento1
+            } else {
+                Platform::Magento2
+            };
+            let auth = if v["auth"] == "bearer" {
+                AuthMode::Bearer
+            } else {
+                AuthMode::Oauth
+            };
             let creds = match credentials_json(credentials_file, platform, auth) {
                 Ok(c) => c,
                 Err(e) => {
@@ -409,7 +510,14 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 }
             };
             match client
-                .request(Method::PUT, &format!("/v1/shops/{}/credentials", crate::magento::oauth::encode(name)), Some(&json!({"credentials": creds})))
+                .request(
+                    Method::PUT,
+                    &format!(
+                        "/v1/shops/{}/credentials",
+                        crate::magento::oauth::encode(name)
+                    ),
+                    Some(&json!({"credentials": creds})),
+                )
                 .await
             {
                 Ok(a) if a.status.is_success() => {
@@ -422,13 +530,24 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
         }
         ShopCommand::Remove { name, purge } => {
             match client
-                .request(Method::DELETE, &format!("/v1/shops/{}?purge={purge}", crate::magento::oauth::encode(name)), None)
+                .request(
+                    Method::DELETE,
+                    &format!(
+                        "/v1/shops/{}?purge={purge}",
+                        crate::magento::oauth::encode(name)
+                    ),
+                    None,
+                )
                 .await
             {
                 Ok(a) if a.status.is_success() => {
                     println!(
                         "{name}: removed{}",
-                        if *purge { ", mirrored products dropped" } else { " (mirrored products kept; --purge drops them)" }
+                        if *purge {
+                            ", mirrored products dropped"
+                        } else {
+                            " (mirrored products kept; --purge drops them)"
+                        }
                     );
                     0
                 }
@@ -467,7 +586,11 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
                 a.name,
                 a.platform,
                 v["state"].as_str().unwrap_or("unknown"),
-                if a.no_verify { " (not verified)" } else { "; first sync starts now" }
+                if a.no_verify {
+                    " (not verified)"
+                } else {
+                    "; first sync starts now"
+                }
             );
             0
         }
@@ -484,15 +607,28 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
         Ok(a) => return refused(&a),
         Err(e) => return fail(&e),
     };
-    let last_before = before["shops"][0]["sync"]["last_run"]["run_id"].as_u64().unwrap_or(0);
+    let last_before = before["shops"][0]["sync"]["last_run"]["run_id"]
+        .as_u64()
+        .unwrap_or(0);
     let running_before = before["shops"][0]["sync"]["progress"]["run_id"].as_u64();
-    match client.request(Method::POST, &format!("/v1/shops/{name}/sync"), Some(&json!({"full": args.full}))).await {
+    match client
+        .request(
+            Method::POST,
+            &format!("/v1/shops/{name}/sync"),
+            Some(&json!({"full": args.full})),
+        )
+        .await
+    {
         Ok(a) if a.status.is_success() => {}
         Ok(a) => return refused(&a),
         Err(e) => return fail(&e),
     }
     if !args.wait {
-        println!("{}: {} sync scheduled", args.name, if args.full { "full" } else { "incremental" });
+        println!(
+            "{}: {} sync scheduled",
+            args.name,
+            if args.full { "full" } else { "incremental" }
+        );
         return 0;
     }
     let tty = std::io::stderr().is_terminal();
@@ -513,10 +649,15 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
         // With --full, only a full reconcile answers the request (an
         // incremental run that was due anyway may end first).
         let kind_ok = !args.full || last["kind"] == "full_sync";
-        let finished = kind_ok && last_id > last_before.max(running_before.unwrap_or(0)) && sync["progress"].is_null();
+        let finished = kind_ok
+            && last_id > last_before.max(running_before.unwrap_or(0))
+            && sync["progress"].is_null();
         let state = shop["state"].as_str().unwrap_or("unknown");
         if sync["progress"].is_null() && matches!(state, "down" | "auth_failed" | "misconfigured") {
-            eprintln!("cobbyd: {}: the shop is {state}; the sync will not run until it is reachable (`cobbyd status {}`)", args.name, args.name);
+            eprintln!(
+                "cobbyd: {}: the shop is {state}; the sync will not run until it is reachable (`cobbyd status {}`)",
+                args.name, args.name
+            );
             return 1;
         }
         let line = sync_cell(sync);
@@ -537,12 +678,21 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
                 "{}: sync {} — {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
                 args.name,
                 last["outcome"].as_str().unwrap_or("?"),
-                last["fetched"], last["created"], last["updated"], last["unchanged"], last["deleted"], last["requests"],
+                last["fetched"],
+                last["created"],
+                last["updated"],
+                last["unchanged"],
+                last["deleted"],
+                last["requests"],
                 last["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
             );
             if !ok {
                 if let Some(e) = last.get("error").filter(|e| !e.is_null()) {
-                    eprintln!("cobbyd: {}: {}", e["kind"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or(""));
+                    eprintln!(
+                        "cobbyd: {}: {}",
+                        e["kind"].as_str().unwrap_or("?"),
+                        e["message"].as_str().unwrap_or("")
+                    );
                     if let Some(h) = e["hint"].as_str() {
                         eprintln!("hint: {h}");
                     }

@@ -187,7 +187,10 @@ pub fn load_with_env(
         Ok(meta) if meta.len() > MAX_CONFIG_BYTES => {
             return Err(bad(
                 "-",
-                format!("file is {} bytes; a config is at most {MAX_CONFIG_BYTES}", meta.len()),
+                format!(
+                    "file is {} bytes; a config is at most {MAX_CONFIG_BYTES}",
+                    meta.len()
+                ),
             ));
         }
         Ok(_) => Some(
@@ -206,7 +209,10 @@ pub fn load_with_env(
     if let Some(text) = &text {
         // Parse with `toml` first: its errors carry line and column.
         if let Err(e) = text.parse::<toml::Table>() {
-            return Err(bad("-", format!("not valid TOML: {}", e.to_string().trim())));
+            return Err(bad(
+                "-",
+                format!("not valid TOML: {}", e.to_string().trim()),
+            ));
         }
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
     }
@@ -217,9 +223,7 @@ pub fn load_with_env(
             .try_parsing(true)
             .source(Some(env.clone().into_iter().collect())),
     );
-    let built = builder
-        .build()
-        .map_err(|e| bad("-", e.to_string()))?;
+    let built = builder.build().map_err(|e| bad("-", e.to_string()))?;
     let config: Config = serde_path_to_error::deserialize(built).map_err(|e| {
         let key = e.path().to_string();
         let env_name = format!("COBBYD__{}", key.replace('.', "__").to_uppercase());
@@ -243,7 +247,11 @@ pub fn load_with_env(
 
 /// The `config` crate appends its own location; keep serde's reason only.
 fn clean_serde_message(msg: &str) -> String {
-    msg.split(" for key `").next().unwrap_or(msg).trim().to_string()
+    msg.split(" for key `")
+        .next()
+        .unwrap_or(msg)
+        .trim()
+        .to_string()
 }
 
 /// Checks the values serde cannot: ranges and relations.
@@ -273,10 +281,16 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
         ));
     }
     if !(1..=10_000).contains(&c.sync.page_size) {
-        return Err(("sync.page_size", "must be between 1 and 10000 (Magento's default cap is 300)".into()));
+        return Err((
+            "sync.page_size",
+            "must be between 1 and 10000 (Magento's default cap is 300)".into(),
+        ));
     }
     if !(1..=256).contains(&c.sync.max_concurrent_syncs) {
-        return Err(("sync.max_concurrent_syncs", "must be between 1 and 256".into()));
+        return Err((
+            "sync.max_concurrent_syncs",
+            "must be between 1 and 256".into(),
+        ));
     }
     if !(1..=16).contains(&c.sync.shop_concurrency) {
         return Err(("sync.shop_concurrency", "must be between 1 and 16".into()));
@@ -294,7 +308,10 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
         return Err(("sync.keep_runs", "must be between 1 and 10000".into()));
     }
     if !(1..=4096).contains(&c.daemon.max_connections) {
-        return Err(("daemon.max_connections", "must be between 1 and 4096".into()));
+        return Err((
+            "daemon.max_connections",
+            "must be between 1 and 4096".into(),
+        ));
     }
     if !(1..=65536).contains(&c.daemon.cache_mb) {
         return Err(("daemon.cache_mb", "must be between 1 and 65536".into()));
@@ -307,10 +324,16 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     }
     // sun_path is 108 bytes on Linux, including the terminating NUL.
     if c.daemon.socket.as_os_str().len() > 107 {
-        return Err(("daemon.socket", "is longer than the 107 bytes a Unix socket path may have".into()));
+        return Err((
+            "daemon.socket",
+            "is longer than the 107 bytes a Unix socket path may have".into(),
+        ));
     }
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&c.daemon.log_level) {
-        return Err(("daemon.log_level", format!("is not a log filter ({e}); use e.g. \"info\" or \"cobbyd=debug,warn\"")));
+        return Err((
+            "daemon.log_level",
+            format!("is not a log filter ({e}); use e.g. \"info\" or \"cobbyd=debug,warn\""),
+        ));
     }
     Ok(())
 }
@@ -325,7 +348,9 @@ mod human {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("must be a duration in quotes, such as \"30s\", \"15m\" or \"24h\"")
+            serde::de::Error::custom(
+                "must be a duration in quotes, such as \"30s\", \"15m\" or \"24h\"",
+            )
         })?;
         humantime::parse_duration(&s).map_err(|e| {
             serde::de::Error::custom(format!(
@@ -343,7 +368,10 @@ mod tests {
     fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         load_with_env(Some(f.path()), env)
     }
 
@@ -359,7 +387,10 @@ mod tests {
     fn file_and_env_layers() {
         let l = load_text(
             "[probe]\ninterval = \"5s\"\n[sync]\npage_size = 50\n",
-            &[("COBBYD__SYNC__PAGE_SIZE", "77"), ("COBBYD__DAEMON__LOG_LEVEL", "debug")],
+            &[
+                ("COBBYD__SYNC__PAGE_SIZE", "77"),
+                ("COBBYD__DAEMON__LOG_LEVEL", "debug"),
+            ],
         )
         .unwrap();
         assert_eq!(l.config.probe.interval, Duration::from_secs(5));
@@ -393,7 +424,11 @@ mod tests {
     fn ranges_checked() {
         let e = load_text("[sync]\npage_size = 0\n", &[]).unwrap_err();
         assert_eq!(e.key, "sync.page_size");
-        let e = load_text("[probe]\nbackoff_initial = \"1h\"\nbackoff_max = \"1m\"\n", &[]).unwrap_err();
+        let e = load_text(
+            "[probe]\nbackoff_initial = \"1h\"\nbackoff_max = \"1m\"\n",
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e.key, "probe.backoff_initial");
         let e = load_text("[daemon]\nlog_level = \"=\"\n", &[]).unwrap_err();
         assert_eq!(e.key, "daemon.log_level");
@@ -410,8 +445,14 @@ mod tests {
         let defaults = toml::to_string(&Config::default()).unwrap();
         for line in defaults.lines().filter(|l| l.contains(" = ")) {
             let key = line.split(" = ").next().unwrap();
-            assert!(text.contains(&format!("{key} = ")), "etc/cobbyd.toml lacks {key}");
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "etc/cobbyd.toml lacks {key}"
+            );
         }
-        assert!(text.contains("listen = "), "etc/cobbyd.toml lacks metrics.listen");
+        assert!(
+            text.contains("listen = "),
+            "etc/cobbyd.toml lacks metrics.listen"
+        );
     }
 }

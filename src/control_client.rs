@@ -15,11 +15,15 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 /// Why the daemon could not be asked. Exit codes follow `cobbyd status`.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cobbyd is not running: no control socket at {0} (start it with `systemctl start cobbyd`, or pass --socket)")]
+    #[error(
+        "cobbyd is not running: no control socket at {0} (start it with `systemctl start cobbyd`, or pass --socket)"
+    )]
     NoSocket(PathBuf),
     #[error("cobbyd is not running: nothing listens on {0} (a stale socket file)")]
     Refused(PathBuf),
-    #[error("permission denied on {0}: run as root or as a member of the socket's group (daemon.socket_group)")]
+    #[error(
+        "permission denied on {0}: run as root or as a member of the socket's group (daemon.socket_group)"
+    )]
     Permission(PathBuf),
     #[error("control socket {0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -33,7 +37,10 @@ impl ClientError {
     /// 3: not running / unreachable; 4: permission or protocol trouble.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::NoSocket(_) | ClientError::Refused(_) | ClientError::Io(..) | ClientError::Timeout(_) => 3,
+            ClientError::NoSocket(_)
+            | ClientError::Refused(_)
+            | ClientError::Io(..)
+            | ClientError::Timeout(_) => 3,
             ClientError::Permission(_) | ClientError::Protocol(_) => 4,
         }
     }
@@ -75,15 +82,29 @@ impl Client {
         }
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<Incoming>, ClientError> {
-        let stream = match tokio::time::timeout(Duration::from_secs(5), tokio::net::UnixStream::connect(&self.socket)).await {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let stream = match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::UnixStream::connect(&self.socket),
+        )
+        .await
+        {
             Err(_) => return Err(ClientError::Timeout(Duration::from_secs(5))),
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Err(match e.kind() {
                     std::io::ErrorKind::NotFound => ClientError::NoSocket(self.socket.clone()),
-                    std::io::ErrorKind::ConnectionRefused => ClientError::Refused(self.socket.clone()),
-                    std::io::ErrorKind::PermissionDenied => ClientError::Permission(self.socket.clone()),
+                    std::io::ErrorKind::ConnectionRefused => {
+                        ClientError::Refused(self.socket.clone())
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        ClientError::Permission(self.socket.clone())
+                    }
                     _ => ClientError::Io(self.socket.clone(), e),
                 });
             }
@@ -112,7 +133,12 @@ impl Client {
     }
 
     /// A request whose answer is read whole (bounded).
-    pub async fn request(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Answer, ClientError> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, ClientError> {
         let body = body.map(|b| b.to_string().into_bytes());
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
@@ -130,18 +156,30 @@ impl Client {
     }
 
     /// Streams an answer's body into `out` (the products export).
-    pub async fn stream_to(&self, path: &str, out: &mut (impl tokio::io::AsyncWrite + Unpin)) -> Result<Result<(), Answer>, ClientError> {
+    pub async fn stream_to(
+        &self,
+        path: &str,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<Result<(), Answer>, ClientError> {
         use tokio::io::AsyncWriteExt;
         let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
             let limited = http_body_util::Limited::new(body, 1024 * 1024);
-            let bytes = limited.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            return Ok(Err(Answer { status, body: bytes }));
+            let bytes = limited
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Ok(Err(Answer {
+                status,
+                body: bytes,
+            }));
         }
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ClientError::Protocol(format!("export interrupted: {e}")))?;
+            let frame =
+                frame.map_err(|e| ClientError::Protocol(format!("export interrupted: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 if let Err(e) = out.write_all(&data).await {
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -151,7 +189,9 @@ impl Client {
                 }
             }
         }
-        out.flush().await.map_err(|e| ClientError::Io(PathBuf::from("stdout"), e))?;
+        out.flush()
+            .await
+            .map_err(|e| ClientError::Io(PathBuf::from("stdout"), e))?;
         Ok(Ok(()))
     }
 }

@@ -61,7 +61,10 @@ pub struct Daemon {
 impl Daemon {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn phase(&self) -> Phase {
@@ -85,7 +88,11 @@ impl Daemon {
     /// "3 shops: 2 healthy, 1 down; syncing acme 40%".
     pub fn status_line(&self) -> String {
         let names = self.registry.names();
-        let mut line = format!("{} shop{}", names.len(), if names.len() == 1 { "" } else { "s" });
+        let mut line = format!(
+            "{} shop{}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" }
+        );
         let counts = self.health.count_states(&names);
         if !counts.is_empty() {
             let parts: Vec<String> = counts
@@ -116,12 +123,15 @@ impl Daemon {
             let span = (d.as_millis() as u64 / 10).max(1);
             shop_hash(shop) % span
         };
-        self.queue.schedule_at(shop, JobKind::Probe, now + jitter(cfg.probe.interval), true)?;
+        self.queue
+            .schedule_at(shop, JobKind::Probe, now + jitter(cfg.probe.interval), true)?;
         if self.queue.pending(shop, JobKind::Sync).is_none() {
-            self.queue.schedule_at(shop, JobKind::Sync, now + jitter(cfg.sync.interval), true)?;
+            self.queue
+                .schedule_at(shop, JobKind::Sync, now + jitter(cfg.sync.interval), true)?;
         }
         if self.queue.pending(shop, JobKind::FullSync).is_none() {
-            let due = now + cfg.sync.full_interval.as_millis() as u64 + jitter(cfg.sync.full_interval);
+            let due =
+                now + cfg.sync.full_interval.as_millis() as u64 + jitter(cfg.sync.full_interval);
             self.queue.schedule_at(shop, JobKind::FullSync, due, true)?;
         }
         Ok(())
@@ -130,8 +140,9 @@ impl Daemon {
 
 /// A stable per-shop number for jitter (FNV-1a).
 pub fn shop_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Runs the daemon until it is told to stop. Returns the process exit code.
@@ -246,7 +257,11 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         stop_rx.clone(),
     ));
     if let Some(l) = metrics_listener {
-        tokio::spawn(server::serve_metrics_tcp(l, daemon.clone(), stop_rx.clone()));
+        tokio::spawn(server::serve_metrics_tcp(
+            l,
+            daemon.clone(),
+            stop_rx.clone(),
+        ));
     }
     let scheduler_task = tokio::spawn(scheduler::run(daemon.clone(), stop_rx.clone()));
     tokio::spawn(status_line_task(daemon.clone(), stop_rx.clone()));
@@ -340,21 +355,39 @@ fn reload(daemon: &Daemon, log: &LogHandle) {
             let old = daemon.config();
             let new = loaded.config;
             for (key, changed) in [
-                ("daemon.state_dir", old.daemon.state_dir != new.daemon.state_dir),
+                (
+                    "daemon.state_dir",
+                    old.daemon.state_dir != new.daemon.state_dir,
+                ),
                 ("daemon.socket", old.daemon.socket != new.daemon.socket),
-                ("daemon.socket_group", old.daemon.socket_group != new.daemon.socket_group),
-                ("daemon.max_connections", old.daemon.max_connections != new.daemon.max_connections),
-                ("daemon.cache_mb", old.daemon.cache_mb != new.daemon.cache_mb),
+                (
+                    "daemon.socket_group",
+                    old.daemon.socket_group != new.daemon.socket_group,
+                ),
+                (
+                    "daemon.max_connections",
+                    old.daemon.max_connections != new.daemon.max_connections,
+                ),
+                (
+                    "daemon.cache_mb",
+                    old.daemon.cache_mb != new.daemon.cache_mb,
+                ),
                 ("metrics.listen", old.metrics.listen != new.metrics.listen),
             ] {
                 if changed {
-                    tracing::warn!(key, "changed in the config file; takes effect at the next restart");
+                    tracing::warn!(
+                        key,
+                        "changed in the config file; takes effect at the next restart"
+                    );
                 }
             }
             log.set_level(&new.daemon.log_level);
             daemon.syncs.reconfigure(&new);
             *daemon.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-            *daemon.config_path.write().unwrap_or_else(|e| e.into_inner()) = loaded.path;
+            *daemon
+                .config_path
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = loaded.path;
             daemon.registry.forget_clients();
             tracing::info!("configuration reloaded");
         }

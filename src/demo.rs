@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 const PATIENCE: Duration = Duration::from_secs(300);
 
 pub fn run(args: DemoArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cobbyd demo: cannot start the async runtime: {e}");
@@ -41,7 +44,10 @@ pub fn run(args: DemoArgs) -> u8 {
     if let Some(mut child) = daemon {
         stop_daemon(&mut child);
     }
-    println!("Stopped the demo daemon and simulator; removed {}.", dir.path().display());
+    println!(
+        "Stopped the demo daemon and simulator; removed {}.",
+        dir.path().display()
+    );
     drop(dir);
     code
 }
@@ -64,11 +70,19 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     let interactive = !args.non_interactive && std::io::stdout().is_terminal();
     let style = Style::detect();
     let platform = args.platform;
-    println!("{}", style.bold("cobbyd demo: a simulated Magento shop, a real daemon, a real sync"));
+    println!(
+        "{}",
+        style.bold("cobbyd demo: a simulated Magento shop, a real daemon, a real sync")
+    );
     println!();
 
     // 1. The simulated shop.
-    let sim = match SimHandle::start(SimConfig { products: args.products, ..SimConfig::default() }).await {
+    let sim = match SimHandle::start(SimConfig {
+        products: args.products,
+        ..SimConfig::default()
+    })
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cobbyd demo: cannot start the simulator: {e}");
@@ -79,7 +93,11 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
         Platform::Magento2 => "Magento 2 (REST, OAuth 1.0a)",
         Platform::Magento1 => "Magento 1 (XML-RPC)",
     };
-    println!("  shop      {} — simulated {kind}, {} products", sim.url(), thousands(sim.product_count() as u64));
+    println!(
+        "  shop      {} — simulated {kind}, {} products",
+        sim.url(),
+        thousands(sim.product_count() as u64)
+    );
 
     // 2. The daemon, this very binary, on a private state dir and socket.
     let socket = dir.join("cobbyd.sock");
@@ -136,7 +154,10 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
             break;
         }
         if let Some(Ok(Some(status))) = daemon.as_mut().map(Child::try_wait) {
-            eprintln!("cobbyd demo: the daemon exited ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            eprintln!(
+                "cobbyd demo: the daemon exited ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             return 1;
         }
         if started.elapsed() > PATIENCE {
@@ -145,7 +166,12 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("  daemon    pid {} — state {}, socket {}", daemon.as_ref().map_or(0, Child::id), state.display(), socket.display());
+    println!(
+        "  daemon    pid {} — state {}, socket {}",
+        daemon.as_ref().map_or(0, Child::id),
+        state.display(),
+        socket.display()
+    );
 
     // 3. The credentials file an operator would write, and `shop add`.
     let (creds, creds_name) = match platform {
@@ -170,11 +196,15 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
             return 1;
         }
     };
-    let body = json!({"name": "demo", "platform": platform, "url": sim.url(), "credentials": table});
+    let body =
+        json!({"name": "demo", "platform": platform, "url": sim.url(), "credentials": table});
     match client.request(Method::POST, "/v1/shops", Some(&body)).await {
         Ok(a) if a.status.is_success() => {
             let v = a.json().unwrap_or_default();
-            println!("  connection tested: {} — the first sync starts now", style.state(v["state"].as_str().unwrap_or("?")));
+            println!(
+                "  connection tested: {} — the first sync starts now",
+                style.state(v["state"].as_str().unwrap_or("?"))
+            );
         }
         Ok(a) => {
             eprintln!("cobbyd demo: the shop was refused: {}", a.error_message());
@@ -190,13 +220,20 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     println!();
     let outcome = follow_sync(&client, interactive).await;
     let Some(last_run) = outcome else {
-        eprintln!("cobbyd demo: the sync did not finish; daemon log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        eprintln!(
+            "cobbyd demo: the sync did not finish; daemon log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         return 1;
     };
     let ok = last_run["outcome"] == "ok";
     println!(
         "  sync {}: {} products fetched, {} created, in {:.1}s with {} requests",
-        if ok { style.state("healthy").replace("healthy", "finished") } else { style.state("failed") },
+        if ok {
+            style.state("healthy").replace("healthy", "finished")
+        } else {
+            style.state("failed")
+        },
         thousands(last_run["fetched"].as_u64().unwrap_or(0)),
         thousands(last_run["created"].as_u64().unwrap_or(0)),
         last_run["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
@@ -216,11 +253,20 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     print!("{}", render_status(&status, &style));
     let healthy = status["shops"][0]["state"] == "healthy";
     println!();
-    println!("$ cobbyd products demo | head -5   (JSONL, exactly as the shop answered; shown trimmed)");
+    println!(
+        "$ cobbyd products demo | head -5   (JSONL, exactly as the shop answered; shown trimmed)"
+    );
     let mut export = Vec::new();
-    match client.stream_to("/v1/shops/demo/products?format=jsonl", &mut export).await {
+    match client
+        .stream_to("/v1/shops/demo/products?format=jsonl", &mut export)
+        .await
+    {
         Ok(Ok(())) => {
-            for line in export.split(|b| *b == b'\n').filter(|l| !l.is_empty()).take(5) {
+            for line in export
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .take(5)
+            {
                 if let Ok(p) = serde_json::from_slice::<Value>(line) {
                     println!(
                         "  {:<28} {:<40} {}",
@@ -239,9 +285,15 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     let s = socket.display();
     println!();
     if interactive {
-        println!("{}", style.bold("Try next (in another terminal, while this runs):"));
+        println!(
+            "{}",
+            style.bold("Try next (in another terminal, while this runs):")
+        );
     } else {
-        println!("{}", style.bold("Try next (run `cobbyd demo` in a terminal to keep it running):"));
+        println!(
+            "{}",
+            style.bold("Try next (run `cobbyd demo` in a terminal to keep it running):")
+        );
     }
     println!("  cobbyd status --socket {s}");
     println!("  cobbyd status --json --socket {s}");
@@ -249,7 +301,10 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     println!("  cobbyd sync demo --full --wait --socket {s}");
     println!("  cobbyd shop test demo --socket {s}");
     println!("  curl --unix-socket {s} http://localhost/metrics");
-    println!("  curl -X POST {}/fault -d '{{\"mode\":\"maintenance\"}}'   # then watch status; mode none to heal", sim.control_url());
+    println!(
+        "  curl -X POST {}/fault -d '{{\"mode\":\"maintenance\"}}'   # then watch status; mode none to heal",
+        sim.control_url()
+    );
     println!("  daemon log: {}", log.display());
 
     let code = if ok && healthy { 0 } else { 1 };
@@ -269,9 +324,11 @@ async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
     let bar = if interactive {
         let b = indicatif::ProgressBar::new(1);
         b.set_style(
-            indicatif::ProgressStyle::with_template("  syncing {bar:40.cyan/blue} {pos:>7}/{len:7} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("█▉▊▋▌▍▎▏ "),
+            indicatif::ProgressStyle::with_template(
+                "  syncing {bar:40.cyan/blue} {pos:>7}/{len:7} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("█▉▊▋▌▍▎▏ "),
         );
         Some(b)
     } else {
@@ -286,7 +343,11 @@ async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
         if !p.is_null() {
             let done = p["done"].as_u64().unwrap_or(0);
             let total = p["total"].as_u64().unwrap_or(done).max(done);
-            let msg = format!("{} products/s, {}", thousands(p["rate_per_s"].as_f64().unwrap_or(0.0) as u64), p["phase"].as_str().unwrap_or(""));
+            let msg = format!(
+                "{} products/s, {}",
+                thousands(p["rate_per_s"].as_f64().unwrap_or(0.0) as u64),
+                p["phase"].as_str().unwrap_or("")
+            );
             match &bar {
                 Some(b) => {
                     b.set_length(total.max(1));
@@ -335,7 +396,11 @@ fn current_group() -> String {
 fn write_private(path: &PathBuf, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(text.as_bytes())
 }
 

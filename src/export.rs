@@ -27,10 +27,22 @@ const IN_FLIGHT: usize = 8;
 const MAX_COLUMNS: usize = 2000;
 
 /// The fixed leading CSV columns.
-pub const CSV_FIXED: [&str; 8] = ["sku", "id", "type", "name", "status", "visibility", "price", "updated_at"];
+pub const CSV_FIXED: [&str; 8] = [
+    "sku",
+    "id",
+    "type",
+    "name",
+    "status",
+    "visibility",
+    "price",
+    "updated_at",
+];
 
 /// The export as a stream of chunks.
-pub fn stream(tree: sled::Tree, format: Format) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+pub fn stream(
+    tree: sled::Tree,
+    format: Format,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         let result = match format {
@@ -58,7 +70,9 @@ fn write_jsonl(
     let mut buf = Vec::with_capacity(CHUNK + 4096);
     for item in tree.iter() {
         let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else { continue };
+        let Some(p) = crate::mirror::decode(&v) else {
+            continue;
+        };
         buf.extend_from_slice(p.json);
         buf.push(b'\n');
         if buf.len() >= CHUNK && !send(tx, &mut buf) {
@@ -81,14 +95,16 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
             Some(Value::String(s)) => s.clone(),
             // Lists of plain values (category ids, website ids) read best
             // as "3,4" in a spreadsheet.
-            Some(Value::Array(items)) if items.iter().all(|i| !i.is_object() && !i.is_array()) => items
-                .iter()
-                .map(|i| match i {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(","),
+            Some(Value::Array(items)) if items.iter().all(|i| !i.is_object() && !i.is_array()) => {
+                items
+                    .iter()
+                    .map(|i| match i {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
             Some(other) => other.to_string(),
         }
     };
@@ -105,7 +121,17 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
     ];
     let mut custom = Vec::new();
     if m1 {
-        const KNOWN: [&str; 9] = ["sku", "product_id", "type", "name", "status", "visibility", "price", "updated_at", "type_id"];
+        const KNOWN: [&str; 9] = [
+            "sku",
+            "product_id",
+            "type",
+            "name",
+            "status",
+            "visibility",
+            "price",
+            "updated_at",
+            "type_id",
+        ];
         if let Some(obj) = p.as_object() {
             for (k, v) in obj {
                 if !KNOWN.contains(&k.as_str()) {
@@ -138,8 +164,12 @@ fn write_csv(
     let mut codes = BTreeSet::new();
     for item in tree.iter() {
         let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else { continue };
-        let Ok(json) = serde_json::from_slice::<Value>(p.json) else { continue };
+        let Some(p) = crate::mirror::decode(&v) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_slice::<Value>(p.json) else {
+            continue;
+        };
         for (code, _) in flatten(&json).1 {
             if codes.len() < MAX_COLUMNS && !CSV_FIXED.contains(&code.as_str()) {
                 codes.insert(code);
@@ -148,12 +178,18 @@ fn write_csv(
     }
     let codes: Vec<String> = codes.into_iter().collect();
     let mut w = csv_writer(Vec::with_capacity(CHUNK + 4096));
-    let header: Vec<&str> = CSV_FIXED.iter().copied().chain(codes.iter().map(String::as_str)).collect();
+    let header: Vec<&str> = CSV_FIXED
+        .iter()
+        .copied()
+        .chain(codes.iter().map(String::as_str))
+        .collect();
     w.write_record(&header).map_err(|e| e.to_string())?;
     let mut row: Vec<String> = Vec::with_capacity(header.len());
     for item in tree.iter() {
         let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else { continue };
+        let Some(p) = crate::mirror::decode(&v) else {
+            continue;
+        };
         let json = serde_json::from_slice::<Value>(p.json).map_err(|e| e.to_string())?;
         let (fixed, custom) = flatten(&json);
         row.clear();
@@ -193,9 +229,28 @@ mod tests {
             "visibility": 4, "updated_at": "2024-01-01 00:00:00",
             "custom_attributes": [{"attribute_code": "color", "value": "red"}, {"attribute_code": "category_ids", "value": ["3", "4"]}]});
         let (fixed, custom) = flatten(&m2);
-        assert_eq!(fixed, vec!["a,\"b\"", "5", "simple", "Größe <b>", "1", "4", "9.5", "2024-01-01 00:00:00"]);
-        assert_eq!(custom, vec![("color".into(), "red".into()), ("category_ids".into(), "3,4".into())]);
-        let m1: Value = serde_json::json!({"product_id": "7", "sku": "x", "type": "simple", "url_key": "x-1"});
+        assert_eq!(
+            fixed,
+            vec![
+                "a,\"b\"",
+                "5",
+                "simple",
+                "Größe <b>",
+                "1",
+                "4",
+                "9.5",
+                "2024-01-01 00:00:00"
+            ]
+        );
+        assert_eq!(
+            custom,
+            vec![
+                ("color".into(), "red".into()),
+                ("category_ids".into(), "3,4".into())
+            ]
+        );
+        let m1: Value =
+            serde_json::json!({"product_id": "7", "sku": "x", "type": "simple", "url_key": "x-1"});
         let (fixed, custom) = flatten(&m1);
         assert_eq!(fixed[1], "7");
         assert_eq!(custom, vec![("url_key".into(), "x-1".into())]);

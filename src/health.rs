@@ -41,7 +41,10 @@ impl ShopState {
 
     /// Whether a sync may run in this state.
     pub fn may_sync(self) -> bool {
-        matches!(self, ShopState::Healthy | ShopState::Degraded | ShopState::Unknown)
+        matches!(
+            self,
+            ShopState::Healthy | ShopState::Degraded | ShopState::Unknown
+        )
     }
 }
 
@@ -107,24 +110,58 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
     use FailureKind::*;
     let m2 = platform == Platform::Magento2;
     match kind {
-        Dns => "The shop's host name does not resolve: check the URL's spelling and the daemon's DNS.",
-        Connect => "Nothing answers at the shop URL: check the URL and port, that the shop is up, and that no firewall or .htaccess rule blocks this server's IP.",
-        Tls => "The TLS handshake failed: check the shop's certificate (expired, wrong host name) or a proxy intercepting TLS.",
-        Timeout => "The shop did not answer in time: it may be overloaded or a firewall drops the traffic; raise probe.timeout or sync.request_timeout if it is just slow.",
-        HttpStatus if m2 => "The API path answered with an error: check the shop URL; if /rest/ is not routed, URL rewrites may be off (cobbyd already tried index.php/rest).",
-        HttpStatus => "The API path answered with an error: check the shop URL; if /api/xmlrpc/ is not routed, URL rewrites may be off (cobbyd already tried index.php/api/xmlrpc/).",
-        NotApi if m2 => "The URL answered with a web page, not the REST API: use the shop's base URL (without /rest or /admin) and check that /rest/ (or index.php/rest/) is routed.",
-        NotApi => "The URL answered with a web page, or the API resource is missing: use the shop's base URL and check that /api/xmlrpc/ is routed and the Mage_Api module is enabled.",
+        Dns => {
+            "The shop's host name does not resolve: check the URL's spelling and the daemon's DNS."
+        }
+        Connect => {
+            "Nothing answers at the shop URL: check the URL and port, that the shop is up, and that no firewall or .htaccess rule blocks this server's IP."
+        }
+        Tls => {
+            "The TLS handshake failed: check the shop's certificate (expired, wrong host name) or a proxy intercepting TLS."
+        }
+        Timeout => {
+            "The shop did not answer in time: it may be overloaded or a firewall drops the traffic; raise probe.timeout or sync.request_timeout if it is just slow."
+        }
+        HttpStatus if m2 => {
+            "The API path answered with an error: check the shop URL; if /rest/ is not routed, URL rewrites may be off (cobbyd already tried index.php/rest)."
+        }
+        HttpStatus => {
+            "The API path answered with an error: check the shop URL; if /api/xmlrpc/ is not routed, URL rewrites may be off (cobbyd already tried index.php/api/xmlrpc/)."
+        }
+        NotApi if m2 => {
+            "The URL answered with a web page, not the REST API: use the shop's base URL (without /rest or /admin) and check that /rest/ (or index.php/rest/) is routed."
+        }
+        NotApi => {
+            "The URL answered with a web page, or the API resource is missing: use the shop's base URL and check that /api/xmlrpc/ is routed and the Mage_Api module is enabled."
+        }
         Maintenance => "The shop is in maintenance mode (503): wait; cobbyd retries with backoff.",
-        Unauthorized if m2 => "The shop refused the token: check the access token and consumer key (extra spaces are a classic), that the integration is activated in System > Integrations, or re-activate it and run `cobbyd shop rotate`.",
-        Unauthorized => "Access denied at login: the API user name or key is wrong (extra spaces are a classic) or the user was deleted; fix it in System > Web Services > SOAP/XML-RPC Users and run `cobbyd shop rotate`.",
-        ForbiddenResource if m2 => "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed.",
-        ForbiddenResource => "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles.",
-        BadSignature => "The shop refused the OAuth signature: the consumer secret or access token secret is wrong (fix it with `cobbyd shop rotate`), or this server's clock is more than 10 minutes off (check NTP).",
-        Session => "The Magento 1 API session expired and logging in again failed: check api/config/session_timeout and the API user.",
-        Protocol => "The shop's answer was malformed or cut off: a proxy, a PHP error or a broken module may corrupt API answers; look at the shop's logs.",
-        RateLimited => "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists.",
-        ServerError => "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message).",
+        Unauthorized if m2 => {
+            "The shop refused the token: check the access token and consumer key (extra spaces are a classic), that the integration is activated in System > Integrations, or re-activate it and run `cobbyd shop rotate`."
+        }
+        Unauthorized => {
+            "Access denied at login: the API user name or key is wrong (extra spaces are a classic) or the user was deleted; fix it in System > Web Services > SOAP/XML-RPC Users and run `cobbyd shop rotate`."
+        }
+        ForbiddenResource if m2 => {
+            "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed."
+        }
+        ForbiddenResource => {
+            "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles."
+        }
+        BadSignature => {
+            "The shop refused the OAuth signature: the consumer secret or access token secret is wrong (fix it with `cobbyd shop rotate`), or this server's clock is more than 10 minutes off (check NTP)."
+        }
+        Session => {
+            "The Magento 1 API session expired and logging in again failed: check api/config/session_timeout and the API user."
+        }
+        Protocol => {
+            "The shop's answer was malformed or cut off: a proxy, a PHP error or a broken module may corrupt API answers; look at the shop's logs."
+        }
+        RateLimited => {
+            "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists."
+        }
+        ServerError => {
+            "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message)."
+        }
     }
 }
 
@@ -134,7 +171,10 @@ pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
     let base = hint(kind, shop.platform);
     if shop.platform == Platform::Magento2
         && shop.auth == crate::shop::AuthMode::Bearer
-        && matches!(kind, FailureKind::Unauthorized | FailureKind::ForbiddenResource)
+        && matches!(
+            kind,
+            FailureKind::Unauthorized | FailureKind::ForbiddenResource
+        )
     {
         format!(
             "This shop uses --auth bearer, which Magento accepts only when Stores > Configuration > Services > OAuth > Consumer Settings > \"Allow OAuth Access Tokens to be used as standalone Bearer tokens\" (oauth/consumer/enable_integration_as_bearer) is Yes; otherwise register it with OAuth (the default). {base}"
@@ -182,12 +222,30 @@ mod tests {
         let long = Duration::from_secs(600);
         let short = Duration::from_secs(1);
         let da = Duration::from_secs(300);
-        assert_eq!(state_for(&e(FailureKind::Unauthorized), short, da), ShopState::AuthFailed);
-        assert_eq!(state_for(&e(FailureKind::BadSignature), short, da), ShopState::AuthFailed);
-        assert_eq!(state_for(&e(FailureKind::NotApi), short, da), ShopState::Misconfigured);
-        assert_eq!(state_for(&e(FailureKind::Maintenance), long, da), ShopState::Degraded);
-        assert_eq!(state_for(&e(FailureKind::Connect), short, da), ShopState::Degraded);
-        assert_eq!(state_for(&e(FailureKind::Connect), long, da), ShopState::Down);
+        assert_eq!(
+            state_for(&e(FailureKind::Unauthorized), short, da),
+            ShopState::AuthFailed
+        );
+        assert_eq!(
+            state_for(&e(FailureKind::BadSignature), short, da),
+            ShopState::AuthFailed
+        );
+        assert_eq!(
+            state_for(&e(FailureKind::NotApi), short, da),
+            ShopState::Misconfigured
+        );
+        assert_eq!(
+            state_for(&e(FailureKind::Maintenance), long, da),
+            ShopState::Degraded
+        );
+        assert_eq!(
+            state_for(&e(FailureKind::Connect), short, da),
+            ShopState::Degraded
+        );
+        assert_eq!(
+            state_for(&e(FailureKind::Connect), long, da),
+            ShopState::Down
+        );
         assert_eq!(
             state_for(&e(FailureKind::HttpStatus).with_status(404), short, da),
             ShopState::Misconfigured
@@ -200,7 +258,10 @@ mod tests {
         let init = Duration::from_secs(2);
         let max = Duration::from_secs(60);
         let d: Vec<Duration> = (1..=12).map(|a| retry_delay(&e, a, init, max)).collect();
-        assert!(d[0] >= Duration::from_millis(1500) && d[0] <= Duration::from_millis(2500), "{d:?}");
+        assert!(
+            d[0] >= Duration::from_millis(1500) && d[0] <= Duration::from_millis(2500),
+            "{d:?}"
+        );
         assert!(d[3] > d[0] * 4, "{d:?}");
         assert!(d.iter().all(|x| *x <= max), "{d:?}");
         assert!(d[11] >= Duration::from_secs(45), "{d:?}");

@@ -59,7 +59,10 @@ pub fn init_daemon(level: &str) -> LogHandle {
             // No `F_` prefix: fields land as SHOP=, RUN=, JOB= so that
             // `journalctl -u cobbyd SHOP=acme` works. Our field names do
             // not collide with journald's own (MESSAGE, PRIORITY, ...).
-            .map(|l| l.with_syslog_identifier("cobbyd".into()).with_field_prefix(None))
+            .map(|l| {
+                l.with_syslog_identifier("cobbyd".into())
+                    .with_field_prefix(None)
+            })
     } else {
         None
     };

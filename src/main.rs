@@ -18,7 +18,10 @@ fn dispatch(cli: Cli) -> u8 {
             Ok(l) => {
                 match &l.path {
                     Some(p) => println!("{}: OK", p.display()),
-                    None => println!("{}: absent, built-in defaults apply: OK", config::DEFAULT_CONFIG_PATH),
+                    None => println!(
+                        "{}: absent, built-in defaults apply: OK",
+                        config::DEFAULT_CONFIG_PATH
+                    ),
                 }
                 0
             }
@@ -46,7 +49,10 @@ fn dispatch(cli: Cli) -> u8 {
         Command::Demo(args) => cobbyd::demo::run(args),
         Command::Simulate(args) => {
             cobbyd::logging::init_client();
-            match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(args))) {
+            match tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(args)))
+            {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("cobbyd simulate: {e:#}");
@@ -87,7 +93,10 @@ fn client_command(
             }
         },
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cobbyd: cannot start the async runtime: {e}");

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 const PROBE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-const SYNC_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
+const SYNC_BUCKETS: [f64; 10] = [
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+];
 
 #[derive(Debug, Clone, Default)]
 struct Histogram {
@@ -81,7 +83,10 @@ impl Metrics {
             .or_default()
             .observe(&PROBE_BUCKETS, latency.as_secs_f64());
         *i.requests
-            .entry((shop.to_string(), if ok { "ok" } else { "error" }.to_string()))
+            .entry((
+                shop.to_string(),
+                if ok { "ok" } else { "error" }.to_string(),
+            ))
             .or_default() += 1;
     }
 
@@ -121,18 +126,38 @@ impl Metrics {
 
 /// Escapes a label value.
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The whole exposition.
 pub fn render(d: &Daemon) -> String {
     let mut out = String::with_capacity(4096);
     let shops = d.registry.list();
-    let _ = writeln!(out, "# HELP cobbyd_build_info Build information.\n# TYPE cobbyd_build_info gauge");
-    let _ = writeln!(out, "cobbyd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(out, "# HELP cobbyd_uptime_seconds Seconds since the daemon started.\n# TYPE cobbyd_uptime_seconds gauge");
-    let _ = writeln!(out, "cobbyd_uptime_seconds {}", d.started.elapsed().as_secs());
-    let _ = writeln!(out, "# HELP cobbyd_shops Registered shops.\n# TYPE cobbyd_shops gauge\ncobbyd_shops {}", shops.len());
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_build_info Build information.\n# TYPE cobbyd_build_info gauge"
+    );
+    let _ = writeln!(
+        out,
+        "cobbyd_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_uptime_seconds Seconds since the daemon started.\n# TYPE cobbyd_uptime_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "cobbyd_uptime_seconds {}",
+        d.started.elapsed().as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shops Registered shops.\n# TYPE cobbyd_shops gauge\ncobbyd_shops {}",
+        shops.len()
+    );
 
     let states = [
         ShopState::Unknown,
@@ -142,7 +167,10 @@ pub fn render(d: &Daemon) -> String {
         ShopState::AuthFailed,
         ShopState::Misconfigured,
     ];
-    let _ = writeln!(out, "# HELP cobbyd_shop_health_state 1 for the shop's current health state, 0 for the others.\n# TYPE cobbyd_shop_health_state gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_health_state 1 for the shop's current health state, 0 for the others.\n# TYPE cobbyd_shop_health_state gauge"
+    );
     let mut failures = String::new();
     for s in &shops {
         let h = d.health.get(&s.name);
@@ -155,12 +183,22 @@ pub fn render(d: &Daemon) -> String {
                 u8::from(h.state == st)
             );
         }
-        let _ = writeln!(failures, "cobbyd_shop_consecutive_failures{{shop=\"{name}\"}} {}", h.consecutive_failures);
+        let _ = writeln!(
+            failures,
+            "cobbyd_shop_consecutive_failures{{shop=\"{name}\"}} {}",
+            h.consecutive_failures
+        );
     }
-    let _ = writeln!(out, "# HELP cobbyd_shop_consecutive_failures Failed probes in a row.\n# TYPE cobbyd_shop_consecutive_failures gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_consecutive_failures Failed probes in a row.\n# TYPE cobbyd_shop_consecutive_failures gauge"
+    );
     out.push_str(&failures);
 
-    let _ = writeln!(out, "# HELP cobbyd_products_in_mirror Products in the local mirror.\n# TYPE cobbyd_products_in_mirror gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_products_in_mirror Products in the local mirror.\n# TYPE cobbyd_products_in_mirror gauge"
+    );
     for s in &shops {
         for code in &s.store_codes {
             let n = crate::mirror::Mirror::open(&d.store, &s.name, code)
@@ -178,11 +216,22 @@ pub fn render(d: &Daemon) -> String {
 
     let i = d.metrics.inner();
     let known = |shop: &str| shops.iter().any(|s| s.name == shop);
-    let _ = writeln!(out, "# HELP cobbyd_probe_duration_seconds Probe latency.\n# TYPE cobbyd_probe_duration_seconds histogram");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_probe_duration_seconds Probe latency.\n# TYPE cobbyd_probe_duration_seconds histogram"
+    );
     for (shop, h) in i.probe_latency.iter().filter(|(s, _)| known(s)) {
-        h.render(&mut out, "cobbyd_probe_duration_seconds", &format!("shop=\"{}\"", label(shop)), &PROBE_BUCKETS);
+        h.render(
+            &mut out,
+            "cobbyd_probe_duration_seconds",
+            &format!("shop=\"{}\"", label(shop)),
+            &PROBE_BUCKETS,
+        );
     }
-    let _ = writeln!(out, "# HELP cobbyd_sync_duration_seconds Duration of finished sync runs.\n# TYPE cobbyd_sync_duration_seconds histogram");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_sync_duration_seconds Duration of finished sync runs.\n# TYPE cobbyd_sync_duration_seconds histogram"
+    );
     for ((shop, kind), h) in i.sync_duration.iter().filter(|((s, _), _)| known(s)) {
         h.render(
             &mut out,
@@ -192,10 +241,26 @@ pub fn render(d: &Daemon) -> String {
         );
     }
     for (metric, help, pick) in [
-        ("cobbyd_products_fetched_total", "Products fetched from the shop.", 0),
-        ("cobbyd_products_created_total", "Products new to the mirror.", 1),
-        ("cobbyd_products_updated_total", "Products changed in the mirror.", 2),
-        ("cobbyd_products_deleted_total", "Products removed from the mirror.", 3),
+        (
+            "cobbyd_products_fetched_total",
+            "Products fetched from the shop.",
+            0,
+        ),
+        (
+            "cobbyd_products_created_total",
+            "Products new to the mirror.",
+            1,
+        ),
+        (
+            "cobbyd_products_updated_total",
+            "Products changed in the mirror.",
+            2,
+        ),
+        (
+            "cobbyd_products_deleted_total",
+            "Products removed from the mirror.",
+            3,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
         for s in &shops {
@@ -204,15 +269,33 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(out, "{metric}{{shop=\"{}\"}} {v}", label(&s.name));
         }
     }
-    let _ = writeln!(out, "# HELP cobbyd_last_successful_sync_timestamp_seconds End of the last successful sync (Unix time).\n# TYPE cobbyd_last_successful_sync_timestamp_seconds gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_last_successful_sync_timestamp_seconds End of the last successful sync (Unix time).\n# TYPE cobbyd_last_successful_sync_timestamp_seconds gauge"
+    );
     for (shop, t) in i.last_success.iter().filter(|(s, _)| known(s)) {
-        let _ = writeln!(out, "cobbyd_last_successful_sync_timestamp_seconds{{shop=\"{}\"}} {t}", label(shop));
+        let _ = writeln!(
+            out,
+            "cobbyd_last_successful_sync_timestamp_seconds{{shop=\"{}\"}} {t}",
+            label(shop)
+        );
     }
-    let _ = writeln!(out, "# HELP cobbyd_shop_requests_total Requests to shops by outcome.\n# TYPE cobbyd_shop_requests_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_requests_total Requests to shops by outcome.\n# TYPE cobbyd_shop_requests_total counter"
+    );
     for ((shop, outcome), n) in i.requests.iter().filter(|((s, _), _)| known(s)) {
-        let _ = writeln!(out, "cobbyd_shop_requests_total{{shop=\"{}\",outcome=\"{}\"}} {n}", label(shop), label(outcome));
+        let _ = writeln!(
+            out,
+            "cobbyd_shop_requests_total{{shop=\"{}\",outcome=\"{}\"}} {n}",
+            label(shop),
+            label(outcome)
+        );
     }
-    let _ = writeln!(out, "# HELP cobbyd_queue_depth Jobs in the durable queue.\n# TYPE cobbyd_queue_depth gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_queue_depth Jobs in the durable queue.\n# TYPE cobbyd_queue_depth gauge"
+    );
     let _ = writeln!(out, "cobbyd_queue_depth {}", d.queue.depth());
     out
 }

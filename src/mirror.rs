@@ -307,10 +307,16 @@ mod tests {
         let m = Mirror::open(&store, "s", "default").unwrap();
         let mut c = m.cursor().unwrap();
         c.updated_at = Some("2024".into());
-        let a = m.apply(&[item("a", 1, "{}"), item("b", 2, "{}")], &[], &mut c).unwrap();
+        let a = m
+            .apply(&[item("a", 1, "{}"), item("b", 2, "{}")], &[], &mut c)
+            .unwrap();
         assert_eq!((a.created, c.products), (2, 2));
         let a = m
-            .apply(&[item("a", 1, "{}"), item("b", 2, r#"{"x":1}"#)], &["zz".into()], &mut c)
+            .apply(
+                &[item("a", 1, "{}"), item("b", 2, r#"{"x":1}"#)],
+                &["zz".into()],
+                &mut c,
+            )
             .unwrap();
         assert_eq!((a.unchanged, a.updated, a.deleted), (1, 1, 0));
         let a = m.apply(&[], &["a".into()], &mut c).unwrap();
@@ -319,11 +325,31 @@ mod tests {
         assert_eq!(m.recount(), 1);
         // The same SKU twice in one call: the second compares with the first.
         let a = m
-            .apply(&[item("d", 4, "{}"), item("d", 4, "{}"), item("d", 4, r#"{"y":2}"#)], &[], &mut c)
+            .apply(
+                &[
+                    item("d", 4, "{}"),
+                    item("d", 4, "{}"),
+                    item("d", 4, r#"{"y":2}"#),
+                ],
+                &[],
+                &mut c,
+            )
             .unwrap();
-        assert_eq!((a.created, a.unchanged, a.updated, c.products), (1, 1, 1, 2));
-        assert_eq!(decode(&m.tree().get("d").unwrap().unwrap()).unwrap().json, br#"{"y":2}"#);
-        let a = m.apply(&[item("b", 2, r#"{"x":1}"#), item("b", 2, "{}")], &[], &mut c).unwrap();
+        assert_eq!(
+            (a.created, a.unchanged, a.updated, c.products),
+            (1, 1, 1, 2)
+        );
+        assert_eq!(
+            decode(&m.tree().get("d").unwrap().unwrap()).unwrap().json,
+            br#"{"y":2}"#
+        );
+        let a = m
+            .apply(
+                &[item("b", 2, r#"{"x":1}"#), item("b", 2, "{}")],
+                &[],
+                &mut c,
+            )
+            .unwrap();
         assert_eq!((a.unchanged, a.updated, c.products), (1, 1, 2));
     }
 }

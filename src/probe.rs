@@ -140,7 +140,9 @@ pub fn next_record(
                 hint: health::hint_for(err.kind, shop),
                 since,
                 attempts: rec.consecutive_failures,
-                next_try: Some(rfc3339(now + chrono::Duration::from_std(delay).unwrap_or_default())),
+                next_try: Some(rfc3339(
+                    now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                )),
                 http_status: err.status,
             });
             if rec.state != state {
@@ -154,7 +156,9 @@ pub fn next_record(
             delay
         }
     };
-    rec.next_probe = Some(rfc3339(now + chrono::Duration::from_std(delay).unwrap_or_default()));
+    rec.next_probe = Some(rfc3339(
+        now + chrono::Duration::from_std(delay).unwrap_or_default(),
+    ));
     (rec, delay)
 }
 
@@ -218,12 +222,29 @@ mod tests {
         let (r1, d1) = next_record(&HealthRecord::default(), &shop(), &err, &cfg, t0, 0.5);
         assert_eq!(r1.state, ShopState::Degraded);
         assert_eq!(r1.problem.as_ref().unwrap().attempts, 1);
-        let (r2, d2) = next_record(&r1, &shop(), &err, &cfg, t0 + chrono::Duration::seconds(40), 0.5);
+        let (r2, d2) = next_record(
+            &r1,
+            &shop(),
+            &err,
+            &cfg,
+            t0 + chrono::Duration::seconds(40),
+            0.5,
+        );
         assert_eq!(r2.state, ShopState::Down);
-        assert_eq!(r2.problem.as_ref().unwrap().since, r1.problem.as_ref().unwrap().since);
+        assert_eq!(
+            r2.problem.as_ref().unwrap().since,
+            r1.problem.as_ref().unwrap().since
+        );
         assert!(d2 > d1);
         let ok: Outcome = Ok((ProbeInfo::default(), Duration::from_millis(5)));
-        let (r3, d3) = next_record(&r2, &shop(), &ok, &cfg, t0 + chrono::Duration::seconds(50), 0.0);
+        let (r3, d3) = next_record(
+            &r2,
+            &shop(),
+            &ok,
+            &cfg,
+            t0 + chrono::Duration::seconds(50),
+            0.0,
+        );
         assert_eq!(r3.state, ShopState::Healthy);
         assert!(r3.problem.is_none());
         assert_eq!(d3, cfg.interval);

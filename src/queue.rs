@@ -224,8 +224,8 @@ impl Queue {
                         kind: job.kind,
                         due_ms: due,
                     };
-                    let value =
-                        serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let value = serde_json::to_vec(&next)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     batch.insert(&next.pending_key(), value);
                     next_job = Some(next);
                 }

@@ -39,14 +39,20 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/shops/{name}/runs", get(runs))
         .route("/v1/shops/{name}/products", get(products))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see DESIGN.md for the API")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see DESIGN.md for the API",
+            )
         })
         .with_state(daemon)
 }
 
 /// Only `/metrics`, for the optional TCP listener.
 pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(daemon)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(daemon)
 }
 
 /// An API error: status, a machine-readable kind, a message for people,
@@ -128,13 +134,21 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Ap
         return Err(too_large());
     }
     let body = req.into_body();
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
-        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "request body too slow")),
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "request body too slow",
+            ));
+        }
         Ok(Err(_)) => return Err(too_large()),
         Ok(Ok(b)) => b,
     };
     if bytes.is_empty() {
-        return serde_json::from_slice(b"{}").map_err(|e| ApiError::invalid(format!("empty body: {e}")));
+        return serde_json::from_slice(b"{}")
+            .map_err(|e| ApiError::invalid(format!("empty body: {e}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("request body: {e}")))
 }
@@ -164,7 +178,10 @@ async fn health(State(d): D) -> Response {
 
 async fn metrics(State(d): D) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(&d),
     )
         .into_response()
@@ -227,21 +244,35 @@ struct StatusQuery {
 async fn status(State(d): D, Query(q): Query<StatusQuery>) -> ApiResult {
     let shops: Vec<Value> = match &q.shop {
         Some(name) => {
-            let rec = d.registry.get(name).ok_or_else(|| ApiError::no_shop(name))?;
+            let rec = d
+                .registry
+                .get(name)
+                .ok_or_else(|| ApiError::no_shop(name))?;
             vec![shop_json(&d, &rec)]
         }
         None => d.registry.list().iter().map(|r| shop_json(&d, r)).collect(),
     };
-    ok_json(StatusCode::OK, json!({"daemon": daemon_json(&d), "shops": shops}))
+    ok_json(
+        StatusCode::OK,
+        json!({"daemon": daemon_json(&d), "shops": shops}),
+    )
 }
 
 async fn list_shops(State(d): D) -> ApiResult {
-    let shops: Vec<Value> = d.registry.list().iter().map(ShopRecord::public_json).collect();
+    let shops: Vec<Value> = d
+        .registry
+        .list()
+        .iter()
+        .map(ShopRecord::public_json)
+        .collect();
     ok_json(StatusCode::OK, json!({ "shops": shops }))
 }
 
 async fn show_shop(State(d): D, Path(name): Path<String>) -> ApiResult {
-    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let rec = d
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::no_shop(&name))?;
     let mut v = rec.public_json();
     v["status"] = shop_json(&d, &rec);
     ok_json(StatusCode::OK, v)
@@ -279,7 +310,8 @@ async fn probe_candidate(d: &Daemon, rec: &ShopRecord) -> crate::probe::Outcome 
     let client = ShopClient::new(rec, &client_options(&cfg))?;
     let started = Instant::now();
     let result = client.probe(rec, cfg.probe.timeout).await;
-    d.metrics.observe_probe(&rec.name, started.elapsed(), result.is_ok());
+    d.metrics
+        .observe_probe(&rec.name, started.elapsed(), result.is_ok());
     Ok((result?, started.elapsed()))
 }
 
@@ -297,9 +329,15 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     }
     store_codes.dedup();
     if store_codes.len() > 32 {
-        return Err(ApiError::invalid("store_code: at most 32 store views per shop"));
+        return Err(ApiError::invalid(
+            "store_code: at most 32 store views per shop",
+        ));
     }
-    let auth = if body.platform == Platform::Magento1 { AuthMode::Oauth } else { body.auth };
+    let auth = if body.platform == Platform::Magento1 {
+        AuthMode::Oauth
+    } else {
+        body.auth
+    };
     let credentials = Credentials::from_table(&body.credentials, body.platform, auth)
         .map_err(|e| ApiError::invalid(format!("credentials: {e}")))?;
     let _guard = d.admin.lock().await;
@@ -307,7 +345,10 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "exists",
-            format!("a shop named {:?} exists; use `cobbyd shop rotate` to change its credentials", body.name),
+            format!(
+                "a shop named {:?} exists; use `cobbyd shop rotate` to change its credentials",
+                body.name
+            ),
         ));
     }
     let now = crate::probe::rfc3339(chrono::Utc::now());
@@ -321,7 +362,11 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         created_at: now.clone(),
         updated_at: now,
     };
-    let outcome = if body.no_verify { None } else { Some(probe_candidate(&d, &rec).await) };
+    let outcome = if body.no_verify {
+        None
+    } else {
+        Some(probe_candidate(&d, &rec).await)
+    };
     if let Some(Err(e)) = &outcome {
         let mut err = ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -334,7 +379,11 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     d.registry.put(rec.clone())?;
     if let Some(outcome) = &outcome {
         let delay = crate::scheduler::record_outcome(&d, &rec, outcome, &d.config().probe);
-        d.queue.schedule(&rec.name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+        d.queue.schedule(
+            &rec.name,
+            JobKind::Probe,
+            now_ms() + delay.as_millis() as u64,
+        )?;
         // A shop that answers gets its first sync right away.
         d.queue.schedule(&rec.name, JobKind::Sync, now_ms())?;
     }
@@ -345,21 +394,30 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     ok_json(StatusCode::CREATED, shop_json(&d, &rec))
 }
 
-async fn remove_shop(State(d): D, Path(name): Path<String>, Query(q): Query<RemoveQuery>) -> ApiResult {
+async fn remove_shop(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult {
     refuse_while_stopping(&d)?;
     let _guard = d.admin.lock().await;
     if d.registry.get(&name).is_none() {
         return Err(ApiError::no_shop(&name));
     }
     d.registry.remove(&name)?;
-    d.syncs.cancel(&name, d.config().daemon.shutdown_timeout).await;
+    d.syncs
+        .cancel(&name, d.config().daemon.shutdown_timeout)
+        .await;
     let jobs = d.queue.remove_shop(&name)?;
     d.health.remove(&name)?;
     crate::sync::forget_shop(&d.store, &name, q.purge)?;
     d.store.flush().await?;
     tracing::info!(shop = %name, purge = q.purge, jobs, "shop removed");
     d.changed.notify_one();
-    ok_json(StatusCode::OK, json!({"removed": name, "purged": q.purge, "jobs_removed": jobs}))
+    ok_json(
+        StatusCode::OK,
+        json!({"removed": name, "purged": q.purge, "jobs_removed": jobs}),
+    )
 }
 
 #[derive(Deserialize)]
@@ -370,10 +428,14 @@ struct RemoveQuery {
 
 async fn test_shop(State(d): D, Path(name): Path<String>) -> ApiResult {
     refuse_while_stopping(&d)?;
-    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let rec = d
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::no_shop(&name))?;
     let outcome = crate::scheduler::probe_once(&d, &rec).await;
     let delay = crate::scheduler::record_outcome(&d, &rec, &outcome, &d.config().probe);
-    d.queue.schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+    d.queue
+        .schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
     d.store.flush().await?;
     let mut v = shop_json(&d, &rec);
     v["ok"] = json!(outcome.is_ok());
@@ -395,7 +457,10 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
     refuse_while_stopping(&d)?;
     let body: Rotate = read_json(req).await?;
     let _guard = d.admin.lock().await;
-    let old = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let old = d
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::no_shop(&name))?;
     let credentials = Credentials::from_table(&body.credentials, old.platform, old.auth)
         .map_err(|e| ApiError::invalid(format!("credentials: {e}")))?;
     let mut rec = old.clone();
@@ -406,7 +471,9 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
         let mut err = ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "shop_failed",
-            format!("the new credentials failed the connection test; the old ones stay in use: {e}"),
+            format!(
+                "the new credentials failed the connection test; the old ones stay in use: {e}"
+            ),
         );
         err.details = Some(diagnosis(e, &rec));
         return Err(err);
@@ -415,7 +482,8 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
     d.registry.put(rec.clone())?;
     let was = d.health.get(&name).state;
     let delay = crate::scheduler::record_outcome(&d, &rec, &outcome, &d.config().probe);
-    d.queue.schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
+    d.queue
+        .schedule(&name, JobKind::Probe, now_ms() + delay.as_millis() as u64)?;
     if !was.may_sync() {
         d.queue.schedule_at(&name, JobKind::Sync, now_ms(), true)?;
     }
@@ -435,7 +503,10 @@ struct SyncRequest {
 async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
     refuse_while_stopping(&d)?;
     let body: SyncRequest = read_json(req).await?;
-    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+    let rec = d
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::no_shop(&name))?;
     let state = d.health.get(&name).state;
     if !state.may_sync() {
         return Err(ApiError::new(
@@ -447,7 +518,11 @@ async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiR
             ),
         ));
     }
-    let kind = if body.full { JobKind::FullSync } else { JobKind::Sync };
+    let kind = if body.full {
+        JobKind::FullSync
+    } else {
+        JobKind::Sync
+    };
     let requested_at = crate::probe::rfc3339(chrono::Utc::now());
     let job = d.queue.schedule_at(&rec.name, kind, now_ms(), true)?;
     d.store.flush().await?;
@@ -473,12 +548,23 @@ struct ProductsQuery {
     store_code: Option<String>,
 }
 
-async fn products(State(d): D, Path(name): Path<String>, Query(q): Query<ProductsQuery>) -> ApiResult {
-    let rec = d.registry.get(&name).ok_or_else(|| ApiError::no_shop(&name))?;
+async fn products(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<ProductsQuery>,
+) -> ApiResult {
+    let rec = d
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::no_shop(&name))?;
     let format = match q.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => crate::export::Format::Jsonl,
         "csv" => crate::export::Format::Csv,
-        other => return Err(ApiError::invalid(format!("format {other:?}: use jsonl or csv"))),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "format {other:?}: use jsonl or csv"
+            )));
+        }
     };
     let store_code = match q.store_code {
         Some(c) if rec.store_codes.contains(&c) => c,
@@ -488,7 +574,11 @@ async fn products(State(d): D, Path(name): Path<String>, Query(q): Query<Product
                 rec.store_codes.join(", ")
             )));
         }
-        None => rec.store_codes.first().cloned().unwrap_or_else(|| "default".into()),
+        None => rec
+            .store_codes
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "default".into()),
     };
     let tree = d.store.products(&name, &store_code)?;
     let content_type = match format {

@@ -110,7 +110,9 @@ pub async fn probe_once(daemon: &Daemon, rec: &crate::shop::ShopRecord) -> crate
     let client = daemon.registry.client(rec, &client_options(&cfg))?;
     let result = client.probe(rec, cfg.probe.timeout).await;
     let latency = started.elapsed();
-    daemon.metrics.observe_probe(&rec.name, latency, result.is_ok());
+    daemon
+        .metrics
+        .observe_probe(&rec.name, latency, result.is_ok());
     result.map(|info| (info, latency))
 }
 

@@ -21,7 +21,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum BindError {
     #[error("control socket {0}: another cobbyd is listening there; stop it or set daemon.socket")]
     InUse(PathBuf),
-    #[error("control socket {0}: the path exists and is not a socket; remove it or set daemon.socket")]
+    #[error(
+        "control socket {0}: the path exists and is not a socket; remove it or set daemon.socket"
+    )]
     NotASocket(PathBuf),
     #[error("control socket {path}: {source}")]
     Io {

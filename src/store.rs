@@ -95,19 +95,24 @@ impl Store {
             .truncate(false)
             .open(&lock_path)
             .map_err(io)?;
-        let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let pid = std::fs::read_to_string(&lock_path)
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default();
-                return Err(StoreError::Locked {
-                    dir: dir.to_path_buf(),
-                    pid: if pid.is_empty() { "unknown".into() } else { pid },
-                });
-            }
-            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
-        };
+        let mut lock =
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let pid = std::fs::read_to_string(&lock_path)
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_default();
+                    return Err(StoreError::Locked {
+                        dir: dir.to_path_buf(),
+                        pid: if pid.is_empty() {
+                            "unknown".into()
+                        } else {
+                            pid
+                        },
+                    });
+                }
+                Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+            };
         lock.set_len(0).map_err(io)?;
         writeln!(lock, "{}", std::process::id()).map_err(io)?;
         let db_path = dir.join("db");
@@ -127,7 +132,9 @@ impl Store {
             Some(v) => {
                 let found = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt("meta.schema_version is not 4 bytes".into()))?;
+                    .map_err(|_| {
+                        StoreError::Corrupt("meta.schema_version is not 4 bytes".into())
+                    })?;
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::NewerSchema {
                         dir: dir.to_path_buf(),
@@ -193,7 +200,10 @@ impl Store {
 
     /// The mirror of one store view of one shop.
     pub fn products(&self, shop: &str, store_code: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.inner.db.open_tree(products_tree_name(shop, store_code))?)
+        Ok(self
+            .inner
+            .db
+            .open_tree(products_tree_name(shop, store_code))?)
     }
 
     /// A scratch tree (e.g. the SKUs seen by a full reconcile), dropped by
@@ -320,7 +330,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 4).unwrap();
-            s.meta().insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            s.meta()
+                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
             s.flush_blocking().unwrap();
         }
         let err = Store::open(dir.path(), 4).err().unwrap();

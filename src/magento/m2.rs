@@ -371,7 +371,12 @@ fn pair(k: &str, v: &str) -> (String, String) {
 fn product_query(q: &ProductQuery) -> Vec<(String, String)> {
     let mut v = Vec::with_capacity(16);
     let mut group = 0;
-    let filter = |v: &mut Vec<(String, String)>, g: usize, i: usize, field: &str, value: &str, cond: &str| {
+    let filter = |v: &mut Vec<(String, String)>,
+                  g: usize,
+                  i: usize,
+                  field: &str,
+                  value: &str,
+                  cond: &str| {
         let f = format!("searchCriteria[filter_groups][{g}][filters][{i}]");
         v.push(pair(&format!("{f}[field]"), field));
         v.push(pair(&format!("{f}[value]"), value));

@@ -29,7 +29,11 @@ fn run_field<T>(c: &Cursor, f: impl FnOnce(&crate::mirror::RunCursor) -> T) -> O
     c.run.as_ref().map(f)
 }
 
-pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> Result<(), SyncError> {
+pub async fn sync_store(
+    ctx: &mut RunCtx<'_>,
+    client: &M1Client,
+    code: &str,
+) -> Result<(), SyncError> {
     let mirror = Mirror::open(&ctx.d.store, &ctx.rec.name, code)?;
     let mut cursor = mirror.cursor()?;
     let walk = ctx.full || cursor.updated_at.is_none();
@@ -45,7 +49,11 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> 
     let seen_name = ctx.scratch(code, "seen");
     let phase = run_field(&cursor, |r| r.phase.clone()).unwrap_or_default();
     if phase == "walk" {
-        let seen = if ctx.full { Some(ctx.d.store.scratch(&seen_name)?) } else { None };
+        let seen = if ctx.full {
+            Some(ctx.d.store.scratch(&seen_name)?)
+        } else {
+            None
+        };
         walk_ranges(ctx, client, code, &mirror, &mut cursor, seen.as_ref()).await?;
         if let Some(seen) = &seen {
             set(&mut cursor, |r| r.phase = "delete".into());
@@ -62,7 +70,10 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> 
     // The newest `updated_at` stored, but never past the shop's clock at
     // the start: the next run re-reads what was saved while this one read.
     let max_seen = run_field(&cursor, |r| r.max_seen.clone()).flatten();
-    let reached = match (max_seen, run_field(&cursor, |r| r.shop_clock.clone()).flatten()) {
+    let reached = match (
+        max_seen,
+        run_field(&cursor, |r| r.shop_clock.clone()).flatten(),
+    ) {
         (Some(seen), Some(clock)) => Some(seen.min(clock)),
         (seen, _) => seen,
     };
@@ -77,14 +88,22 @@ pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M1Client, code: &str) -> 
 /// The shop's time before the run reads anything: a cheap listing that
 /// matches no product, then the newest `Date` the shop answered with
 /// (`None` when its answers carry no `Date`).
-async fn shop_clock(ctx: &RunCtx<'_>, client: &M1Client, code: &str) -> Result<Option<String>, SyncError> {
+async fn shop_clock(
+    ctx: &RunCtx<'_>,
+    client: &M1Client,
+    code: &str,
+) -> Result<Option<String>, SyncError> {
     let nothing = Value::Struct(vec![(
         "product_id".into(),
         Value::Struct(vec![("eq".into(), Value::Int(0))]),
     )]);
-    ctx.request("shop clock", || client.list_products(nothing.clone(), Some(code)))
-        .await?;
-    Ok(client.shop_clock().map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
+    ctx.request("shop clock", || {
+        client.list_products(nothing.clone(), Some(code))
+    })
+    .await?;
+    Ok(client
+        .shop_clock()
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
 }
 
 /// Product ids of a `catalog_product.list` answer, ascending.
@@ -120,7 +139,10 @@ async fn fetch(
                     .map(|id| {
                         (
                             "catalog_product.info".to_string(),
-                            vec![Value::String(id.to_string()), Value::String(code.to_string())],
+                            vec![
+                                Value::String(id.to_string()),
+                                Value::String(code.to_string()),
+                            ],
                         )
                     })
                     .collect();
@@ -169,9 +191,18 @@ async fn fetch(
 fn to_item(v: &Value) -> Option<Item> {
     let sku = v.get("sku")?.as_str()?.to_string();
     let id = v.get("product_id")?.as_i64()?;
-    let updated_at = v.get("updated_at").and_then(Value::as_str).unwrap_or("").to_string();
+    let updated_at = v
+        .get("updated_at")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let json = serde_json::to_vec(&v.to_json()).ok()?;
-    Some(Item { sku, id, updated_at, json })
+    Some(Item {
+        sku,
+        id,
+        updated_at,
+        json,
+    })
 }
 
 /// SKUs of mirrored products with these ids (for deletions by id).
@@ -210,7 +241,8 @@ async fn walk_ranges(
     let width = i64::from(ctx.cfg.sync.m1_id_range);
     loop {
         ctx.check()?;
-        let (start, empty) = run_field(cursor, |r| (r.position.max(1), r.empty_ranges)).unwrap_or((1, 0));
+        let (start, empty) =
+            run_field(cursor, |r| (r.position.max(1), r.empty_ranges)).unwrap_or((1, 0));
         if empty >= MAX_EMPTY_RANGES || start >= i64::from(i32::MAX) {
             return Ok(());
         }
@@ -218,20 +250,31 @@ async fn walk_ranges(
         let end = start.saturating_add(w - 1);
         let filters = Value::Struct(vec![(
             "product_id".into(),
-            Value::Struct(vec![("from".into(), Value::Int(start)), ("to".into(), Value::Int(end))]),
+            Value::Struct(vec![
+                ("from".into(), Value::Int(start)),
+                ("to".into(), Value::Int(end)),
+            ]),
         )]);
         let list = ctx
-            .request("product list", || client.list_products(filters.clone(), Some(code)))
+            .request("product list", || {
+                client.list_products(filters.clone(), Some(code))
+            })
             .await?;
         let ids = ids_of(&list);
         let (items, gone) = fetch(ctx, client, code, &ids).await?;
         if let Some(seen) = seen {
             for i in &items {
-                seen.insert(i.sku.as_bytes(), &[]).map_err(StoreError::from)?;
+                seen.insert(i.sku.as_bytes(), &[])
+                    .map_err(StoreError::from)?;
             }
         }
         let deletes = skus_of(mirror, &gone)?;
-        let max_seen = newest(&items, run_field(cursor, |r| r.max_seen.clone()).flatten().as_deref());
+        let max_seen = newest(
+            &items,
+            run_field(cursor, |r| r.max_seen.clone())
+                .flatten()
+                .as_deref(),
+        );
         set(cursor, |r| {
             r.position = end + 1;
             r.empty_ranges = if ids.is_empty() { empty + 1 } else { 0 };
@@ -263,17 +306,29 @@ async fn changed_since(
         Value::Struct(vec![("gteq".into(), Value::String(since))]),
     )]);
     let list = ctx
-        .request("changed products", || client.list_products(filters.clone(), Some(code)))
+        .request("changed products", || {
+            client.list_products(filters.clone(), Some(code))
+        })
         .await?;
     let done_up_to = run_field(cursor, |r| r.position).unwrap_or(0);
-    let ids: Vec<i64> = ids_of(&list).into_iter().filter(|id| *id > done_up_to).collect();
+    let ids: Vec<i64> = ids_of(&list)
+        .into_iter()
+        .filter(|id| *id > done_up_to)
+        .collect();
     ctx.update(|p| p.total = Some(ids.len() as u64));
-    let step = (ctx.cfg.sync.m1_batch_size as usize).saturating_mul(ctx.cfg.sync.shop_concurrency).max(1);
+    let step = (ctx.cfg.sync.m1_batch_size as usize)
+        .saturating_mul(ctx.cfg.sync.shop_concurrency)
+        .max(1);
     for chunk in ids.chunks(step) {
         ctx.check()?;
         let (items, gone) = fetch(ctx, client, code, chunk).await?;
         let deletes = skus_of(mirror, &gone)?;
-        let max_seen = newest(&items, run_field(cursor, |r| r.max_seen.clone()).flatten().as_deref());
+        let max_seen = newest(
+            &items,
+            run_field(cursor, |r| r.max_seen.clone())
+                .flatten()
+                .as_deref(),
+        );
         let last = chunk.last().copied().unwrap_or(done_up_to);
         set(cursor, |r| {
             r.position = last;

@@ -32,7 +32,11 @@ fn after(p: &RawProduct, c: &Cursor) -> bool {
     }
 }
 
-pub async fn sync_store(ctx: &mut RunCtx<'_>, client: &M2Client, code: &str) -> Result<(), SyncError> {
+pub async fn sync_store(
+    ctx: &mut RunCtx<'_>,
+    client: &M2Client,
+    code: &str,
+) -> Result<(), SyncError> {
     let mirror = Mirror::open(&ctx.d.store, &ctx.rec.name, code)?;
     let mut cursor = mirror.cursor()?;
     if !begin(ctx, &mut cursor, "catch_up") {
@@ -103,7 +107,9 @@ async fn catch_up(
     };
     ctx.check()?;
     let q = query(cursor);
-    let mut page = ctx.request("product page", || client.list_products(code, &q)).await?;
+    let mut page = ctx
+        .request("product page", || client.list_products(code, &q))
+        .await?;
     ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + page.total_count));
     loop {
         let fresh: Vec<&RawProduct> = page.items.iter().filter(|p| after(p, cursor)).collect();
@@ -121,7 +127,10 @@ async fn catch_up(
         let items: Vec<Item> = fresh.iter().map(|p| to_item(p)).collect();
         // The checkpoint moves to the largest key stored, never backwards.
         let mut next = cursor.clone();
-        if let Some(last) = fresh.iter().max_by(|a, b| (a.updated_at.as_str(), a.id).cmp(&(b.updated_at.as_str(), b.id))) {
+        if let Some(last) = fresh
+            .iter()
+            .max_by(|a, b| (a.updated_at.as_str(), a.id).cmp(&(b.updated_at.as_str(), b.id)))
+        {
             next.updated_at = Some(last.updated_at.clone());
             next.last_id = last.id;
         }
@@ -173,7 +182,9 @@ async fn list_all(
             page_size: ctx.cfg.sync.page_size,
             ..ProductQuery::default()
         };
-        let page = ctx.request("SKU listing", || client.list_products(code, &q)).await?;
+        let page = ctx
+            .request("SKU listing", || client.list_products(code, &q))
+            .await?;
         if first {
             ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + page.total_count));
             first = false;
@@ -184,13 +195,20 @@ async fn list_all(
         }
         let mut max_id = position;
         for p in &fresh {
-            seen.insert(p.sku.as_bytes(), &p.id.to_be_bytes()).map_err(StoreError::from)?;
-            let stale = match mirror.tree().get(p.sku.as_bytes()).map_err(StoreError::from)? {
+            seen.insert(p.sku.as_bytes(), &p.id.to_be_bytes())
+                .map_err(StoreError::from)?;
+            let stale = match mirror
+                .tree()
+                .get(p.sku.as_bytes())
+                .map_err(StoreError::from)?
+            {
                 None => true,
                 Some(v) => crate::mirror::decode(&v).is_none_or(|s| s.updated_at != p.updated_at),
             };
             if stale {
-                refetch.insert(p.id.to_be_bytes(), p.sku.as_bytes()).map_err(StoreError::from)?;
+                refetch
+                    .insert(p.id.to_be_bytes(), p.sku.as_bytes())
+                    .map_err(StoreError::from)?;
             }
             max_id = max_id.max(p.id);
         }
@@ -236,8 +254,15 @@ async fn refetch_changed(
             page_size: batch as u32,
             ..ProductQuery::default()
         };
-        let page = ctx.request("product refetch", || client.list_products(code, &q)).await?;
-        let items: Vec<Item> = page.items.iter().filter(|p| ids.contains(&p.id)).map(to_item).collect();
+        let page = ctx
+            .request("product refetch", || client.list_products(code, &q))
+            .await?;
+        let items: Vec<Item> = page
+            .items
+            .iter()
+            .filter(|p| ids.contains(&p.id))
+            .map(to_item)
+            .collect();
         let fetched = items.len() as u64;
         let a = mirror.apply_blocking(items, Vec::new(), cursor).await?;
         for id in &ids {

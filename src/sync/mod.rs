@@ -158,17 +158,29 @@ impl SyncManager {
     /// waits (bounded) until it has, so nothing writes to the shop's trees
     /// once this returns.
     pub async fn cancel(&self, name: &str, wait: Duration) {
-        let shop = self.shops.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let shop = self
+            .shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         if let Some(s) = shop {
             s.cancel.send_replace(true);
-            if tokio::time::timeout(wait, s.lock.clone().lock_owned()).await.is_err() {
+            if tokio::time::timeout(wait, s.lock.clone().lock_owned())
+                .await
+                .is_err()
+            {
                 tracing::warn!(shop = name, "the running sync did not stop in time");
             }
         }
     }
 
     fn progress(&self, name: &str) -> Option<Progress> {
-        let s = self.shops.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()?;
+        let s = self
+            .shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()?;
         s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -191,7 +203,12 @@ impl SyncManager {
             .collect();
         let mut out = Vec::new();
         for (name, s) in shops {
-            if let Some(p) = s.progress.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if let Some(p) = s
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
                 match p.percent {
                     Some(pc) => out.push(format!("{name} {pc:.0}%")),
                     None => out.push(format!("{name} {} products", p.done)),
@@ -224,7 +241,9 @@ impl SyncManager {
                 json!({"products": c.products, "cursor_updated_at": c.updated_at, "resumable": c.run.is_some()}),
             );
         }
-        let last_run = recent_runs(&d.store, &rec.name, 1).ok().and_then(|mut v| v.pop());
+        let last_run = recent_runs(&d.store, &rec.name, 1)
+            .ok()
+            .and_then(|mut v| v.pop());
         let last_error = last_run.as_ref().and_then(|r| r.error.clone());
         let next = |k| {
             d.queue
@@ -253,13 +272,19 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
         return;
     };
     let full = job.kind == JobKind::FullSync;
-    let interval = if full { cfg.sync.full_interval } else { cfg.sync.interval };
+    let interval = if full {
+        cfg.sync.full_interval
+    } else {
+        cfg.sync.interval
+    };
     let jitter = |i: Duration| (rand::random::<f64>() * i.as_millis() as f64 * 0.1) as u64;
     let health = d.health.get(&rec.name).state;
     if !health.may_sync() {
         tracing::debug!(shop = %rec.name, state = health.as_str(), "sync skipped: shop not reachable");
         let retry = interval.min(cfg.probe.interval.max(Duration::from_secs(60)));
-        let _ = d.queue.complete(&job, Some(now_ms() + retry.as_millis() as u64));
+        let _ = d
+            .queue
+            .complete(&job, Some(now_ms() + retry.as_millis() as u64));
         return;
     }
 
@@ -292,7 +317,11 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
         // Failed: try again soon (the probe decides whether the shop is up).
         Err(_) => now_ms() + interval.min(Duration::from_secs(120)).as_millis() as u64,
     };
-    let next = if matches!(outcome, Err(SyncError::Cancelled)) { None } else { Some(next) };
+    let next = if matches!(outcome, Err(SyncError::Cancelled)) {
+        None
+    } else {
+        Some(next)
+    };
     if let Err(e) = d.queue.complete(&job, next) {
         tracing::error!(shop = %rec.name, "queue: {e}");
     }
@@ -337,8 +366,13 @@ impl RunCtx<'_> {
                 p.rate_per_s = (p.done as f64 / secs * 10.0).round() / 10.0;
                 if let Some(total) = p.total {
                     let total = total.max(p.done);
-                    p.percent = Some(if total == 0 { 100.0 } else { (p.done as f64 * 1000.0 / total as f64).round() / 10.0 });
-                    p.eta_s = (p.rate_per_s > 0.0).then(|| ((total - p.done) as f64 / p.rate_per_s) as u64);
+                    p.percent = Some(if total == 0 {
+                        100.0
+                    } else {
+                        (p.done as f64 * 1000.0 / total as f64).round() / 10.0
+                    });
+                    p.eta_s = (p.rate_per_s > 0.0)
+                        .then(|| ((total - p.done) as f64 / p.rate_per_s) as u64);
                 }
             }
         }
@@ -379,7 +413,13 @@ impl RunCtx<'_> {
             let timeout = self.cfg.sync.request_timeout;
             let result = match tokio::time::timeout(timeout + Duration::from_secs(1), f()).await {
                 Ok(r) => r,
-                Err(_) => Err(ShopError::new(FailureKind::Timeout, format!("{what}: no answer within {}", humantime::format_duration(timeout)))),
+                Err(_) => Err(ShopError::new(
+                    FailureKind::Timeout,
+                    format!(
+                        "{what}: no answer within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                )),
             };
             match result {
                 Ok(v) => {
@@ -387,13 +427,20 @@ impl RunCtx<'_> {
                     return Ok(v);
                 }
                 Err(e) => {
-                    self.d.metrics.count_request(&self.rec.name, e.kind.as_str());
+                    self.d
+                        .metrics
+                        .count_request(&self.rec.name, e.kind.as_str());
                     let retriable = !e.kind.is_auth()
                         && !matches!(e.kind, FailureKind::NotApi | FailureKind::Dns);
                     if !retriable || attempt >= REQUEST_ATTEMPTS {
                         return Err(SyncError::Shop(e));
                     }
-                    let delay = crate::health::retry_delay(&e, attempt, Duration::from_millis(500), Duration::from_secs(30));
+                    let delay = crate::health::retry_delay(
+                        &e,
+                        attempt,
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                    );
                     tracing::debug!(shop = %self.rec.name, attempt, kind = e.kind.as_str(), delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {}", e.message);
                     let mut stop = self.stop.clone();
                     tokio::select! {
@@ -486,7 +533,12 @@ async fn run(
     }
     .await;
 
-    let p = shop.progress.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    let p = shop
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
     let took = started.elapsed();
     let outcome = match &result {
         Ok(()) => "ok",
@@ -524,10 +576,17 @@ async fn run(
     if outcome != "cancelled" {
         save_run(&d.store, &record, cfg.sync.keep_runs)?;
     }
-    d.metrics.observe_sync(&rec.name, kind, took, result.is_ok());
+    d.metrics
+        .observe_sync(&rec.name, kind, took, result.is_ok());
     let msg = format!(
         "sync {outcome}: {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
-        p.done, p.created, p.updated, p.unchanged, p.deleted, p.requests, took.as_secs_f64()
+        p.done,
+        p.created,
+        p.updated,
+        p.unchanged,
+        p.deleted,
+        p.requests,
+        took.as_secs_f64()
     );
     match &result {
         Ok(()) | Err(SyncError::Interrupted | SyncError::Cancelled) => {
@@ -631,7 +690,10 @@ pub async fn delete_unseen(
         let mut last = None;
         let iter = match &from {
             None => mirror.tree().range::<&[u8], _>(..),
-            Some(k) => mirror.tree().range::<&[u8], _>((std::ops::Bound::Excluded(k.as_ref()), std::ops::Bound::Unbounded)),
+            Some(k) => mirror.tree().range::<&[u8], _>((
+                std::ops::Bound::Excluded(k.as_ref()),
+                std::ops::Bound::Unbounded,
+            )),
         };
         let mut scanned = 0;
         for k in iter.keys() {

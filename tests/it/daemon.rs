@@ -60,7 +60,11 @@ fn sighup_reloads_and_keeps_the_old_config_when_the_new_is_bad() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A broken file is refused and logged; the daemon keeps serving.
-    std::fs::write(&d.config, good.replace("interval = \"45s\"", "interval = \"soon\"")).unwrap();
+    std::fs::write(
+        &d.config,
+        good.replace("interval = \"45s\"", "interval = \"soon\""),
+    )
+    .unwrap();
     d.signal(Signal::SIGHUP);
     let t = Instant::now();
     while !d.log().contains("reload failed") {
@@ -89,16 +93,26 @@ fn notifies_systemd_ready_watchdog_reloading_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let notify = path.display().to_string();
-    let mut d = Daemon::start_with("", &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "200000")]);
+    let mut d = Daemon::start_with(
+        "",
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "200000")],
+    );
     let mut seen = Vec::new();
     expect_notify(&sock, "READY=1", &mut seen);
-    assert!(seen.iter().any(|m| m.contains("STATUS=0 shops")), "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=0 shops")),
+        "{seen:?}"
+    );
     expect_notify(&sock, "WATCHDOG=1", &mut seen);
     d.signal(Signal::SIGHUP);
     expect_notify(&sock, "RELOADING=1", &mut seen);
-    assert!(seen.iter().any(|m| m.contains("MONOTONIC_USEC=")), "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m.contains("MONOTONIC_USEC=")),
+        "{seen:?}"
+    );
     d.signal(Signal::SIGTERM);
     expect_notify(&sock, "STOPPING=1", &mut seen);
     assert_eq!(d.wait_exit().code(), Some(0));
@@ -119,7 +133,11 @@ fn a_second_daemon_on_the_same_state_fails_fast() {
     )
     .unwrap();
     let t = Instant::now();
-    let out = std::process::Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(t.elapsed() < Duration::from_secs(30), "it hung");
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
@@ -136,14 +154,26 @@ fn config_errors_exit_78_naming_the_key() {
     for (text, key) in [
         ("[probe]\nintervall = \"5s\"\n", "intervall"),
         ("[sync]\ninterval = \"fortnightly\"\n", "sync.interval"),
-        ("[daemon]\nshutdown_timeout = 30\n", "daemon.shutdown_timeout"),
+        (
+            "[daemon]\nshutdown_timeout = 30\n",
+            "daemon.shutdown_timeout",
+        ),
         ("[nonsense]\n", "nonsense"),
     ] {
         let cfg = dir.path().join("bad.toml");
         std::fs::write(&cfg, text).unwrap();
         for cmd in ["check-config", "run"] {
-            let out = std::process::Command::new(BIN).args([cmd, "--config"]).arg(&cfg).output().unwrap();
-            assert_eq!(out.status.code(), Some(78), "{cmd} {text}: {}", stderr(&out));
+            let out = std::process::Command::new(BIN)
+                .args([cmd, "--config"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(78),
+                "{cmd} {text}: {}",
+                stderr(&out)
+            );
             let err = stderr(&out);
             assert!(err.contains(key), "{cmd}: {err} lacks {key}");
             assert!(err.contains(&cfg.display().to_string()), "{err}");
@@ -177,7 +207,8 @@ fn socket_limits_body_size_and_idle_clients() {
     assert!(body.contains("\"error\""), "{body}");
     // The idle client is cut off eventually (header timeout), not kept forever.
     let mut idle = UnixStream::connect(&d.socket).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut buf = Vec::new();
     let _ = idle.read_to_end(&mut buf);
 }
@@ -196,7 +227,11 @@ fn stale_socket_replaced_other_files_refused() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while http_unix(&sock, "GET", "/health", None).map(|r| r.0).unwrap_or(0) != 200 {
+    while http_unix(&sock, "GET", "/health", None)
+        .map(|r| r.0)
+        .unwrap_or(0)
+        != 200
+    {
         assert!(t.elapsed() < WAIT, "stale socket not replaced");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -205,7 +240,11 @@ fn stale_socket_replaced_other_files_refused() {
     // A regular file at the socket path stops start-up.
     let _ = std::fs::remove_file(&sock);
     std::fs::write(&sock, "not a socket").unwrap();
-    let out = std::process::Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not a socket"), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
@@ -217,13 +256,23 @@ fn draining_reports_503_and_a_second_sigterm_exits_at_once() {
     // A drain that would outlast the test's patience unless the second
     // signal cuts it short.
     let mut d = Daemon::start_with("", &[("COBBYD__DAEMON__SHUTDOWN_TIMEOUT", "10min")]);
-    let out = d.add_shop("slow", "magento2", &sim.url(), &sim.credentials().m2_oauth_toml(), &[]);
+    let out = d.add_shop(
+        "slow",
+        "magento2",
+        &sim.url(),
+        &sim.credentials().m2_oauth_toml(),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("slow", "first sync", |s| s["sync"]["last_run"]["outcome"] == "ok");
+    d.wait_shop("slow", "first sync", |s| {
+        s["sync"]["last_run"]["outcome"] == "ok"
+    });
     sim.set_fault(cobbyd::sim::Fault::Slow(Duration::from_secs(600)));
     let out = d.cli(&["sync", "slow", "--full"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("slow", "a sync in flight", |s| !s["sync"]["progress"].is_null());
+    d.wait_shop("slow", "a sync in flight", |s| {
+        !s["sync"]["progress"].is_null()
+    });
     d.signal(Signal::SIGTERM);
     let t = Instant::now();
     loop {

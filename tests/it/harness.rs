@@ -47,7 +47,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &str, envs: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("cobbyd-it").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("cobbyd-it")
+            .tempdir()
+            .unwrap();
         let config = write_config(dir.path(), "", extra);
         let mut d = Daemon {
             socket: dir.path().join("cobbyd.sock"),
@@ -56,7 +59,10 @@ impl Daemon {
             config,
             dir,
             child: None,
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d.wait_healthy();
@@ -103,7 +109,11 @@ impl Daemon {
             {
                 panic!("daemon exited during start-up ({status}):\n{}", self.log());
             }
-            assert!(t.elapsed() < WAIT, "daemon not ready in time:\n{}", self.log());
+            assert!(
+                t.elapsed() < WAIT,
+                "daemon not ready in time:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -125,7 +135,11 @@ impl Daemon {
             .arg(&self.config)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
@@ -137,7 +151,12 @@ impl Daemon {
     }
 
     /// One HTTP request over the control socket.
-    pub fn try_http(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    pub fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
         http_unix(&self.socket, method, path, body)
     }
 
@@ -168,7 +187,11 @@ impl Daemon {
             if f(&s) {
                 return s;
             }
-            assert!(t.elapsed() < WAIT, "timed out waiting for {name}: {what}\nlast status: {s:#}\nlog:\n{}", self.log());
+            assert!(
+                t.elapsed() < WAIT,
+                "timed out waiting for {name}: {what}\nlast status: {s:#}\nlog:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -209,8 +232,25 @@ impl Daemon {
     }
 
     /// `shop add` with credentials on stdin.
-    pub fn add_shop(&self, name: &str, platform: &str, url: &str, creds: &str, extra: &[&str]) -> Output {
-        let mut args = vec!["shop", "add", name, "--platform", platform, "--url", url, "--credentials-file", "-"];
+    pub fn add_shop(
+        &self,
+        name: &str,
+        platform: &str,
+        url: &str,
+        creds: &str,
+        extra: &[&str],
+    ) -> Output {
+        let mut args = vec![
+            "shop",
+            "add",
+            name,
+            "--platform",
+            platform,
+            "--url",
+            url,
+            "--credentials-file",
+            "-",
+        ];
         args.extend_from_slice(extra);
         self.cli_stdin(&args, Some(creds))
     }
@@ -223,7 +263,12 @@ impl Drop for Daemon {
 }
 
 /// Minimal HTTP/1.1 client over a Unix socket (Connection: close).
-pub fn http_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+pub fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
@@ -241,7 +286,10 @@ pub fn http_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) ->
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad answer: {text:?}")))?;
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_string()
@@ -283,7 +331,10 @@ impl Sim {
             .build()
             .unwrap();
         let handle = rt.block_on(cobbyd::sim::SimHandle::start(cfg)).unwrap();
-        Sim { rt, handle: Some(handle) }
+        Sim {
+            rt,
+            handle: Some(handle),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 mod harness;
 
 mod daemon;
+mod operate;
 mod shops;
 mod sync;
 mod sync_util;
-mod operate;

@@ -7,8 +7,15 @@ use std::process::{Command, Stdio};
 
 fn tool(name: &str) -> String {
     // CI installs these (.ci/run); a missing tool is a failure, not a skip.
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
-    assert!(found.status.success(), "{name} is not installed: run .ci/run or apt-get install it");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed: run .ci/run or apt-get install it"
+    );
     String::from_utf8_lossy(&found.stdout).trim().to_string()
 }
 
@@ -21,8 +28,15 @@ fn demo_runs_non_interactively_and_shows_a_finished_sync() {
         .unwrap();
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
-    assert!(text.contains("sync finished: 800 products fetched"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("demo ") && l.contains("healthy")), "{text}");
+    assert!(
+        text.contains("sync finished: 800 products fetched"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("demo ") && l.contains("healthy")),
+        "{text}"
+    );
     assert!(text.contains("Try next"), "{text}");
     // It cleaned up after itself.
     let dir = text
@@ -38,9 +52,17 @@ fn metrics_parse_with_promtool_and_match_status() {
     let promtool = tool("promtool");
     let sim = Sim::start(600);
     let d = Daemon::start("[sync]\npage_size = 100\n");
-    let out = d.add_shop("acme", "magento2", &sim.url(), &sim.credentials().m2_oauth_toml(), &[]);
+    let out = d.add_shop(
+        "acme",
+        "magento2",
+        &sim.url(),
+        &sim.credentials().m2_oauth_toml(),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("acme", "first sync", |s| s["sync"]["last_run"]["outcome"] == "ok");
+    d.wait_shop("acme", "first sync", |s| {
+        s["sync"]["last_run"]["outcome"] == "ok"
+    });
     let (code, metrics) = d.http("GET", "/metrics", None);
     assert_eq!(code, 200);
     let mut check = Command::new(&promtool)
@@ -50,9 +72,19 @@ fn metrics_parse_with_promtool_and_match_status() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
     let res = check.wait_with_output().unwrap();
-    assert!(res.status.success(), "promtool: {}{}\n{metrics}", stdout(&res), stderr(&res));
+    assert!(
+        res.status.success(),
+        "promtool: {}{}\n{metrics}",
+        stdout(&res),
+        stderr(&res)
+    );
     let exported = d.cli(&["products", "acme"]);
     let lines = stdout(&exported).lines().count();
     assert_eq!(lines, 600);
@@ -67,9 +99,18 @@ fn metrics_parse_with_promtool_and_match_status() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value("cobbyd_products_in_mirror{shop=\"acme\",store=\"default\"}") as usize, lines);
-    assert_eq!(value("cobbyd_shop_health_state{shop=\"acme\",state=\"healthy\"}"), 1.0);
-    assert_eq!(value("cobbyd_products_created_total{shop=\"acme\"}") as usize, lines);
+    assert_eq!(
+        value("cobbyd_products_in_mirror{shop=\"acme\",store=\"default\"}") as usize,
+        lines
+    );
+    assert_eq!(
+        value("cobbyd_shop_health_state{shop=\"acme\",state=\"healthy\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("cobbyd_products_created_total{shop=\"acme\"}") as usize,
+        lines
+    );
     assert!(value("cobbyd_probe_duration_seconds_count{shop=\"acme\"}") >= 1.0);
     assert!(value("cobbyd_sync_duration_seconds_count{shop=\"acme\",kind=\"sync\"}") >= 1.0);
     assert!(value("cobbyd_last_successful_sync_timestamp_seconds{shop=\"acme\"}") > 1.0e9);
@@ -77,10 +118,15 @@ fn metrics_parse_with_promtool_and_match_status() {
     assert!(value("cobbyd_queue_depth") >= 1.0);
     // The optional TCP listener serves the same exposition.
     drop(d);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let d = Daemon::start(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     std::io::Read::read_to_string(&mut s, &mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
@@ -96,21 +142,52 @@ fn man_page_renders_and_completions_load() {
     let page = dir.path().join("cobbyd.1");
     std::fs::write(&page, &man.stdout).unwrap();
     let mandoc = tool("mandoc");
-    let lint = Command::new(&mandoc).args(["-T", "lint", "-W", "error"]).arg(&page).output().unwrap();
-    assert!(lint.status.success(), "mandoc: {}{}", stdout(&lint), stderr(&lint));
-    let rendered = Command::new(&mandoc).args(["-T", "ascii"]).arg(&page).output().unwrap();
+    let lint = Command::new(&mandoc)
+        .args(["-T", "lint", "-W", "error"])
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "mandoc: {}{}",
+        stdout(&lint),
+        stderr(&lint)
+    );
+    let rendered = Command::new(&mandoc)
+        .args(["-T", "ascii"])
+        .arg(&page)
+        .output()
+        .unwrap();
     let text = stdout(&rendered);
-    for cmd in ["run", "check-config", "status", "shop", "sync", "products", "demo"] {
+    for cmd in [
+        "run",
+        "check-config",
+        "status",
+        "shop",
+        "sync",
+        "products",
+        "demo",
+    ] {
         assert!(text.contains(cmd), "man page lacks {cmd}:\n{text}");
     }
-    for (shell, check) in [("bash", vec!["-n"]), ("zsh", vec!["-n"]), ("fish", vec!["--no-execute"])] {
-        let script = Command::new(BIN).args(["completions", shell]).output().unwrap();
+    for (shell, check) in [
+        ("bash", vec!["-n"]),
+        ("zsh", vec!["-n"]),
+        ("fish", vec!["--no-execute"]),
+    ] {
+        let script = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
         assert!(script.status.success());
         let path = dir.path().join(format!("cobbyd.{shell}"));
         std::fs::write(&path, &script.stdout).unwrap();
         let exe = tool(shell);
         let res = Command::new(exe).args(&check).arg(&path).output().unwrap();
         assert!(res.status.success(), "{shell}: {}", stderr(&res));
-        assert!(stdout(&script).contains("shop"), "{shell} completion lacks subcommands");
+        assert!(
+            stdout(&script).contains("shop"),
+            "{shell} completion lacks subcommands"
+        );
     }
 }
