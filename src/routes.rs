@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+/// An oversized body up to this size is read and dropped before the 413.
+const DRAIN_MAX: usize = 1024 * 1024;
 /// A request body must arrive within this time.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,13 +126,23 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Ap
             format!("request body over {MAX_BODY} bytes"),
         )
     };
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > MAX_BODY as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        // Read and drop a moderately oversized body before answering, so the
+        // client sees the 413 instead of a connection reset (closing with
+        // unread data makes the kernel send RST, which discards our answer).
+        // Anything bigger is cut off with the connection.
+        if declared.is_some_and(|len| len <= DRAIN_MAX as u64) {
+            let _ = tokio::time::timeout(
+                BODY_TIMEOUT,
+                axum::body::to_bytes(req.into_body(), DRAIN_MAX),
+            )
+            .await;
+        }
         return Err(too_large());
     }
     let body = req.into_body();
