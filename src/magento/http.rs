@@ -28,6 +28,28 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`MAX_REDIRECTS`] that never leave the shop's host (the request carries
 /// credentials) nor downgrade https to http.
 pub(crate) fn build_client(opts: &ClientOptions) -> Result<reqwest::Client, ShopError> {
+    // One client per distinct timeout, shared by every shop: a reqwest
+    // client carries its own TLS root store and connection pool, which with
+    // hundreds of shops costs tens of MiB for nothing. The redirect policy
+    // only compares URLs of one request chain, so sharing it is safe.
+    static SHARED: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<std::time::Duration, reqwest::Client>>,
+    > = std::sync::OnceLock::new();
+    let shared = SHARED.get_or_init(Default::default);
+    let mut map = shared.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = map.get(&opts.timeout) {
+        return Ok(c.clone());
+    }
+    let client = new_client(opts)?;
+    // Reloads with new timeouts add entries; keep the map small.
+    if map.len() >= 8 {
+        map.clear();
+    }
+    map.insert(opts.timeout, client.clone());
+    Ok(client)
+}
+
+fn new_client(opts: &ClientOptions) -> Result<reqwest::Client, ShopError> {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
         let Some(first) = attempt.previous().first() else {
             return attempt.follow();
