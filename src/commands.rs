@@ -345,21 +345,24 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// GETs a JSON answer, or the exit code to return (the error already
+/// printed).
+async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
+    let a = client.get(path).await.map_err(|e| fail(&e))?;
+    if !a.status.is_success() {
+        return Err(refused(&a));
+    }
+    a.json().map_err(|e| fail(&e))
+}
+
 /// `cobbyd shop ...`.
 pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
     match cmd {
         ShopCommand::Add(a) => shop_add(client, a).await,
         ShopCommand::List { json } => {
-            let a = match client.get("/v1/shops").await {
-                Ok(a) => a,
-                Err(e) => return fail(&e),
-            };
-            if !a.status.is_success() {
-                return refused(&a);
-            }
-            let v = match a.json() {
+            let v = match get_json(client, "/v1/shops").await {
                 Ok(v) => v,
-                Err(e) => return fail(&e),
+                Err(code) => return code,
             };
             if *json {
                 print_json(&v);
@@ -389,22 +392,10 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
             0
         }
         ShopCommand::Show { name, json } => {
-            let a = match client
-                .get(&format!(
-                    "/v1/shops/{}",
-                    crate::magento::oauth::encode(name)
-                ))
-                .await
-            {
-                Ok(a) => a,
-                Err(e) => return fail(&e),
-            };
-            if !a.status.is_success() {
-                return refused(&a);
-            }
-            let v = match a.json() {
+            let path = format!("/v1/shops/{}", crate::magento::oauth::encode(name));
+            let v = match get_json(client, &path).await {
                 Ok(v) => v,
-                Err(e) => return fail(&e),
+                Err(code) => return code,
             };
             if *json {
                 print_json(&v);

@@ -101,18 +101,27 @@ pub async fn serve(
                 continue;
             }
         };
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control connection ended with an error");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, router.clone(), permit));
     }
+}
+
+/// Serves one connection (HTTP/1.1, header timeout); the permit is its
+/// slot in the connection cap.
+async fn serve_connection<S>(
+    stream: S,
+    router: axum::Router,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "control connection ended with an error");
+    }
+    drop(permit);
 }
 
 /// The optional Prometheus TCP listener (`metrics.listen`): `/metrics` only.
@@ -131,14 +140,6 @@ pub async fn serve_metrics_tcp(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = conn.await;
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, router.clone(), permit));
     }
 }
