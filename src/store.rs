@@ -395,6 +395,36 @@ mod tests {
         assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
     }
 
+    #[test]
+    fn drop_products_drops_index_and_data_of_that_shop_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 4).unwrap();
+        for (shop, code) in [("a", "default"), ("a", "fr"), ("ab", "default")] {
+            let (index, docs) = s.mirror_trees(shop, code).unwrap();
+            index.insert("sku", "entry").unwrap();
+            docs.insert(1u64.to_be_bytes(), "{}").unwrap();
+        }
+        let mut views = s.mirror_views();
+        views.sort();
+        assert_eq!(
+            views,
+            [("a", "default"), ("a", "fr"), ("ab", "default")]
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        s.drop_products("a").unwrap();
+        let names: Vec<String> = s
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .filter(|n| n.contains(':'))
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["docs:ab:default", "products:ab:default"]);
+    }
+
     #[tokio::test]
     async fn flush_is_shared_and_data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
