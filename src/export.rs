@@ -3,7 +3,7 @@
 //! `sku,id,type,name,status,visibility,price,updated_at` followed by the
 //! custom attributes sorted by code.
 //!
-//! A blocking thread walks the sled tree and hands 64 KiB chunks to the
+//! A blocking thread walks the mirror's data tree and hands 64 KiB chunks to the
 //! response through a bounded channel, so a slow reader slows the walk
 //! instead of growing a buffer.
 
@@ -40,14 +40,14 @@ pub const CSV_FIXED: [&str; 8] = [
 
 /// The export as a stream of chunks.
 pub fn stream(
-    tree: sled::Tree,
+    mirror: crate::mirror::Mirror,
     format: Format,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         let result = match format {
-            Format::Jsonl => write_jsonl(&tree, &tx),
-            Format::Csv => write_csv(&tree, &tx),
+            Format::Jsonl => write_jsonl(&mirror, &tx),
+            Format::Csv => write_csv(&mirror, &tx),
         };
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(std::io::Error::other(e)));
@@ -64,16 +64,13 @@ fn send(tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>, buf: &mut
 }
 
 fn write_jsonl(
-    tree: &sled::Tree,
+    mirror: &crate::mirror::Mirror,
     tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), String> {
     let mut buf = Vec::with_capacity(CHUNK + 4096);
-    for item in tree.iter() {
-        let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else {
-            continue;
-        };
-        buf.extend_from_slice(p.json);
+    for json in mirror.json_values() {
+        let json = json.map_err(|e| e.to_string())?;
+        buf.extend_from_slice(&json);
         buf.push(b'\n');
         if buf.len() >= CHUNK && !send(tx, &mut buf) {
             return Ok(());
@@ -157,17 +154,14 @@ fn csv_writer(buf: Vec<u8>) -> csv::Writer<Vec<u8>> {
 }
 
 fn write_csv(
-    tree: &sled::Tree,
+    mirror: &crate::mirror::Mirror,
     tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), String> {
     // First pass: the set of custom attribute codes (bounded), for the header.
     let mut codes = BTreeSet::new();
-    for item in tree.iter() {
-        let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else {
-            continue;
-        };
-        let Ok(json) = serde_json::from_slice::<Value>(p.json) else {
+    for json in mirror.json_values() {
+        let json = json.map_err(|e| e.to_string())?;
+        let Ok(json) = serde_json::from_slice::<Value>(&json) else {
             continue;
         };
         for (code, _) in flatten(&json).1 {
@@ -185,12 +179,9 @@ fn write_csv(
         .collect();
     w.write_record(&header).map_err(|e| e.to_string())?;
     let mut row: Vec<String> = Vec::with_capacity(header.len());
-    for item in tree.iter() {
-        let (_, v) = item.map_err(|e| e.to_string())?;
-        let Some(p) = crate::mirror::decode(&v) else {
-            continue;
-        };
-        let json = serde_json::from_slice::<Value>(p.json).map_err(|e| e.to_string())?;
+    for json in mirror.json_values() {
+        let json = json.map_err(|e| e.to_string())?;
+        let json = serde_json::from_slice::<Value>(&json).map_err(|e| e.to_string())?;
         let (fixed, custom) = flatten(&json);
         row.clear();
         row.extend(fixed);

@@ -1,10 +1,27 @@
-//! The local mirror of a store view (`products:{shop}:{store}`) and its
-//! checkpoint (`cursor`). Owns the value layout and the one operation that
-//! changes both: [`Mirror::apply`], which writes a page of products and the
-//! checkpoint that covers it in one sled transaction.
+//! The local mirror of a store view and its checkpoint (`cursor`). Owns the
+//! layout of the two mirror trees and the one operation that changes them
+//! and the checkpoint together: [`Mirror::apply`], which writes a page of
+//! products and the checkpoint that covers it in one sled transaction.
 //!
-//! Value layout (binary, so export can stream the stored JSON untouched):
-//! `[1u8 version][8 bytes content hash][8 bytes id BE][1 byte n][n bytes updated_at][the product JSON exactly as the shop sent it]`.
+//! Layout 2 (schema 2):
+//! - `products:{shop}:{store}`, the index: SKU →
+//!   `[2u8 layout][8 bytes content hash][8 bytes id BE][8 bytes seq BE][1 byte n][n bytes updated_at]`.
+//!   No JSON: the index stays small (about 20 times denser than layout 1),
+//!   so the per-product lookup of a sync mostly hits the cache.
+//! - `docs:{shop}:{store}`, the data: seq (u64 BE) → the product JSON exactly
+//!   as the shop sent it (export streams it untouched).
+//!
+//! A new product gets the next seq (one past the largest data key), so new
+//! data is appended to the rightmost leaf. A changed product keeps its seq
+//! and its data is overwritten in place: a data key is never reused while
+//! an index entry points at it, and an export that walks the data tree while
+//! a sync runs still sees every product once. Every index entry points at
+//! exactly one data key and every data key is pointed at by exactly one
+//! index entry; `apply` keeps both trees and the cursor in one transaction.
+//!
+//! Layout 1 (schema 1) kept everything in `products:{shop}:{store}`:
+//! `[1u8][hash 8][id 8][n 1][updated_at][JSON]`. [`migrate_layout1`]
+//! rewrites such trees when the store is opened.
 
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -12,7 +29,10 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::HashMap;
 
-const LAYOUT: u8 = 1;
+const LAYOUT: u8 = 2;
+const LAYOUT1: u8 = 1;
+/// Bytes of an index entry before `updated_at`.
+const HEADER: usize = 26;
 
 /// A product ready to be stored.
 #[derive(Debug, Clone)]
@@ -25,13 +45,14 @@ pub struct Item {
     pub json: Vec<u8>,
 }
 
-/// A stored product, decoded.
+/// An index entry, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored<'a> {
+pub struct Entry<'a> {
     pub hash: u64,
     pub id: i64,
+    /// The product's key in the data tree.
+    pub seq: u64,
     pub updated_at: &'a str,
-    pub json: &'a [u8],
 }
 
 /// Content hash of a product's JSON (first 8 bytes of SHA-256).
@@ -42,41 +63,60 @@ pub fn content_hash(json: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Encodes a value for the products tree.
-pub fn encode(item: &Item) -> Vec<u8> {
-    encode_hashed(item, content_hash(&item.json))
-}
-
-fn encode_hashed(item: &Item, hash: u64) -> Vec<u8> {
-    let ua = item.updated_at.as_bytes();
+/// Encodes an index entry.
+fn encode(hash: u64, id: i64, seq: u64, updated_at: &str) -> Vec<u8> {
+    let ua = updated_at.as_bytes();
     let ua = &ua[..ua.len().min(255)];
-    let mut v = Vec::with_capacity(18 + ua.len() + item.json.len());
+    let mut v = Vec::with_capacity(HEADER + ua.len());
     v.push(LAYOUT);
     v.extend_from_slice(&hash.to_be_bytes());
-    v.extend_from_slice(&item.id.to_be_bytes());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
     v.push(ua.len() as u8);
     v.extend_from_slice(ua);
-    v.extend_from_slice(&item.json);
     v
 }
 
-/// Decodes a stored value; `None` for a value this build cannot read.
-pub fn decode(v: &[u8]) -> Option<Stored<'_>> {
-    if v.len() < 18 || v[0] != LAYOUT {
+/// Decodes an index entry; `None` for a value this build cannot read.
+pub fn decode(v: &[u8]) -> Option<Entry<'_>> {
+    if v.len() < HEADER || v[0] != LAYOUT {
+        return None;
+    }
+    let n = v[25] as usize;
+    Some(Entry {
+        hash: u64::from_be_bytes(v[1..9].try_into().ok()?),
+        id: i64::from_be_bytes(v[9..17].try_into().ok()?),
+        seq: u64::from_be_bytes(v[17..25].try_into().ok()?),
+        updated_at: std::str::from_utf8(v.get(HEADER..HEADER + n)?).ok()?,
+    })
+}
+
+/// A layout-1 value: (hash, id, updated_at, JSON).
+fn decode_layout1(v: &[u8]) -> Option<(u64, i64, &str, &[u8])> {
+    if v.len() < 18 || v[0] != LAYOUT1 {
         return None;
     }
     let hash = u64::from_be_bytes(v[1..9].try_into().ok()?);
     let id = i64::from_be_bytes(v[9..17].try_into().ok()?);
     let n = v[17] as usize;
-    let ua = v.get(18..18 + n)?;
-    Some(Stored {
-        hash,
-        id,
-        updated_at: std::str::from_utf8(ua).ok()?,
-        json: v.get(18 + n..)?,
-    })
+    let ua = std::str::from_utf8(v.get(18..18 + n)?).ok()?;
+    Some((hash, id, ua, v.get(18 + n..)?))
 }
 
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// One past the largest data key: the seq of the next new product.
+fn next_seq(docs: &sled::Tree) -> Result<u64, StoreError> {
+    Ok(match docs.last()? {
+        None => 1,
+        Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("a data key is not 8 bytes".into()))?
+            .saturating_add(1),
+    })
+}
 /// Where a store view's sync stands. Written atomically with the products
 /// it covers, so it never claims data that was not stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,22 +178,43 @@ impl Applied {
 #[derive(Clone)]
 pub struct Mirror {
     store: Store,
-    products: sled::Tree,
+    index: sled::Tree,
+    docs: sled::Tree,
     key: String,
+}
+
+/// A product `apply` writes: its index entry and data.
+struct Write<'a> {
+    sku: &'a str,
+    entry: Vec<u8>,
+    seq: u64,
+    json: &'a [u8],
 }
 
 impl Mirror {
     pub fn open(store: &Store, shop: &str, store_code: &str) -> Result<Mirror, StoreError> {
+        let (index, docs) = store.mirror_trees(shop, store_code)?;
         Ok(Mirror {
             store: store.clone(),
-            products: store.products(shop, store_code)?,
+            index,
+            docs,
             key: cursor_key(shop, store_code),
         })
     }
 
-    /// The products tree (read-only uses: export, reconcile).
-    pub fn tree(&self) -> &sled::Tree {
-        &self.products
+    /// The index, SKU → entry (read-only uses: reconcile; see [`decode`]).
+    pub fn index(&self) -> &sled::Tree {
+        &self.index
+    }
+
+    /// Every stored product's JSON, in the order the products were first
+    /// stored. Not a snapshot: a product created or deleted meanwhile may
+    /// or may not appear; a changed one appears once, old or new.
+    pub fn json_values(&self) -> impl Iterator<Item = Result<sled::IVec, StoreError>> + use<> {
+        self.docs
+            .iter()
+            .values()
+            .map(|r| r.map_err(StoreError::from))
     }
 
     pub fn cursor(&self) -> Result<Cursor, StoreError> {
@@ -166,12 +227,13 @@ impl Mirror {
 
     /// Stores `upserts`, removes `deletes` (SKUs) and writes `cursor`, all or
     /// nothing. `cursor.products` is adjusted by what happened. Unchanged
-    /// products (same content hash) are not rewritten.
+    /// products (same content hash) are not rewritten; a changed product's
+    /// data is overwritten under its seq; a new one is appended.
     ///
-    /// The old values are read before the transaction: a sled transaction
+    /// The index entries are read before the transaction: a sled transaction
     /// holds a database-wide write lock, and reads that miss the cache go to
     /// disk, so reading inside it would stall every other reader (status).
-    /// Only the run that owns this store view writes its tree, so what was
+    /// Only the run that owns this store view writes its trees, so what was
     /// read is still what the transaction replaces. Blocking: call it from a
     /// blocking thread in async code (see [`Mirror::apply_blocking`]).
     pub fn apply(
@@ -181,9 +243,10 @@ impl Mirror {
         cursor: &mut Cursor,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
-        let mut writes: Vec<(&str, Vec<u8>)> = Vec::with_capacity(upserts.len());
+        let mut writes: Vec<Write<'_>> = Vec::with_capacity(upserts.len());
         // A SKU met twice in one call compares with its pending write.
         let mut pending: HashMap<&str, (usize, u64)> = HashMap::with_capacity(upserts.len());
+        let mut fresh: Option<u64> = None;
         for i in upserts {
             let hash = content_hash(&i.json);
             if let Some((at, h)) = pending.get_mut(i.sku.as_str()) {
@@ -191,35 +254,64 @@ impl Mirror {
                     applied.unchanged += 1;
                 } else {
                     *h = hash;
-                    writes[*at].1 = encode_hashed(i, hash);
+                    let w = &mut writes[*at];
+                    w.entry = encode(hash, i.id, w.seq, &i.updated_at);
+                    w.json = &i.json;
                     applied.updated += 1;
                 }
                 continue;
             }
-            match self.products.get(i.sku.as_bytes())? {
-                Some(old) if decode(&old).map(|s| s.hash) == Some(hash) => {
+            let old = self.index.get(i.sku.as_bytes())?;
+            let seq = match old.as_deref().map(decode) {
+                Some(Some(e)) if e.hash == hash => {
                     applied.unchanged += 1;
+                    continue;
                 }
-                old => {
-                    if old.is_some() {
+                Some(Some(e)) => {
+                    applied.updated += 1;
+                    e.seq
+                }
+                found => {
+                    // New, or an entry this build cannot read (its data, if
+                    // any, is lost to it either way).
+                    if found.is_some() {
                         applied.updated += 1;
                     } else {
                         applied.created += 1;
                     }
-                    pending.insert(i.sku.as_str(), (writes.len(), hash));
-                    writes.push((i.sku.as_str(), encode_hashed(i, hash)));
+                    let next = match fresh {
+                        Some(n) => n,
+                        None => next_seq(&self.docs)?,
+                    };
+                    fresh = Some(next + 1);
+                    next
                 }
-            }
+            };
+            pending.insert(i.sku.as_str(), (writes.len(), hash));
+            writes.push(Write {
+                sku: i.sku.as_str(),
+                entry: encode(hash, i.id, seq, &i.updated_at),
+                seq,
+                json: &i.json,
+            });
+        }
+        // Warm the cache for the deletes' reads inside the transaction.
+        for sku in deletes {
+            self.index.get(sku.as_bytes())?;
         }
         let base = cursor.clone();
-        let result = (&self.products, self.store.cursor()).transaction(|(p, c)| {
-            let mut deleted = 0;
-            for (sku, value) in &writes {
-                p.insert(sku.as_bytes(), value.as_slice())?;
+        let result = (&self.index, &self.docs, self.store.cursor()).transaction(|(ix, dx, c)| {
+            for w in &writes {
+                dx.insert(&seq_key(w.seq), w.json)?;
+                ix.insert(w.sku.as_bytes(), w.entry.as_slice())?;
             }
+            let mut deleted = 0;
             for sku in deletes {
-                if p.remove(sku.as_bytes())?.is_some() {
+                if let Some(old) = ix.remove(sku.as_bytes())? {
                     deleted += 1;
+                    if let Some(e) = decode(&old) {
+                        dx.remove(&seq_key(e.seq))?;
+                    }
                 }
             }
             let mut next = base.clone();
@@ -267,8 +359,103 @@ impl Mirror {
 
     /// Recounts the products (after an upgrade, or to repair the count).
     pub fn recount(&self) -> u64 {
-        self.products.len() as u64
+        self.index.len() as u64
     }
+
+    /// Rewrites the layout-1 entries of this store view into index + data,
+    /// a batch per transaction: a crash leaves a mix that the next attempt
+    /// finishes (it skips layout-2 entries), never an orphan. Returns the
+    /// number of products rewritten.
+    fn migrate_layout1(&self) -> Result<u64, StoreError> {
+        const BATCH: usize = 1000;
+        let mut done = 0;
+        let mut dropped = false;
+        let mut from: Option<sled::IVec> = None;
+        loop {
+            let iter = match &from {
+                None => self.index.iter(),
+                Some(k) => self.index.range::<&[u8], _>((
+                    std::ops::Bound::Excluded(k.as_ref()),
+                    std::ops::Bound::Unbounded,
+                )),
+            };
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut last = None;
+            for kv in iter {
+                let (k, v) = kv?;
+                last = Some(k.clone());
+                if v.first() == Some(&LAYOUT1) {
+                    batch.push((k, v));
+                    if batch.len() >= BATCH {
+                        break;
+                    }
+                }
+            }
+            let mut seq = next_seq(&self.docs)?;
+            let mut ops = Vec::with_capacity(batch.len());
+            for (k, v) in &batch {
+                match decode_layout1(v) {
+                    Some((hash, id, ua, json)) => {
+                        ops.push((k, Some((encode(hash, id, seq, ua), seq_key(seq), json))));
+                        seq += 1;
+                    }
+                    // Unreadable: dropped, the next full sync fetches it.
+                    None => {
+                        ops.push((k, None));
+                        dropped = true;
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                let r: Result<(), TransactionError<()>> =
+                    (&self.index, &self.docs).transaction(|(ix, dx)| {
+                        for (k, op) in &ops {
+                            match op {
+                                Some((entry, key, json)) => {
+                                    dx.insert(key, *json)?;
+                                    ix.insert(k.as_ref(), entry.as_slice())?;
+                                }
+                                None => {
+                                    ix.remove(k.as_ref())?;
+                                }
+                            }
+                        }
+                        Ok(())
+                    });
+                r.map_err(|e| match e {
+                    TransactionError::Storage(e) => StoreError::Sled(e),
+                    TransactionError::Abort(()) => StoreError::Corrupt("migration aborted".into()),
+                })?;
+                done += ops.len() as u64;
+            }
+            match last {
+                Some(k) => from = Some(k),
+                None => break,
+            }
+        }
+        if dropped {
+            let mut c = self.cursor()?;
+            c.products = self.recount();
+            self.save_cursor(&c)?;
+        }
+        Ok(done)
+    }
+}
+
+/// Rewrites every layout-1 mirror (schema 1) into layout 2. Idempotent:
+/// run again after a crash, it finishes the job. The caller records the
+/// new schema version once this returned.
+pub fn migrate_layout1(store: &Store) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for (shop, code) in store.mirror_views() {
+        let m = Mirror::open(store, &shop, &code)?;
+        let n = m.migrate_layout1()?;
+        if n > 0 {
+            tracing::info!(shop = %shop, store = %code, products = n, "mirror migrated to layout 2");
+        }
+        total += n;
+    }
+    Ok(total)
 }
 
 /// `shop/store`.
@@ -279,6 +466,7 @@ pub fn cursor_key(shop: &str, store_code: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn item(sku: &str, id: i64, json: &str) -> Item {
         Item {
@@ -289,15 +477,53 @@ mod tests {
         }
     }
 
+    /// Index and data agree: every entry points at a data key holding JSON
+    /// with that hash, no two entries share one, no data key is orphaned,
+    /// and the cursor counts the entries. Returns SKU → JSON.
+    fn consistent(m: &Mirror, c: &Cursor) -> std::collections::BTreeMap<String, String> {
+        let mut seqs = BTreeSet::new();
+        let mut out = std::collections::BTreeMap::new();
+        for kv in m.index().iter() {
+            let (k, v) = kv.unwrap();
+            let e = decode(&v).unwrap();
+            assert!(seqs.insert(e.seq), "seq {} twice", e.seq);
+            let json = m.docs.get(seq_key(e.seq)).unwrap().expect("dangling entry");
+            assert_eq!(content_hash(&json), e.hash);
+            out.insert(
+                String::from_utf8(k.to_vec()).unwrap(),
+                String::from_utf8(json.to_vec()).unwrap(),
+            );
+        }
+        let data: BTreeSet<u64> = m
+            .docs
+            .iter()
+            .keys()
+            .map(|k| u64::from_be_bytes(k.unwrap().as_ref().try_into().unwrap()))
+            .collect();
+        assert_eq!(data, seqs, "orphan data keys");
+        assert_eq!(c.products, out.len() as u64);
+        assert_eq!(m.recount(), out.len() as u64);
+        assert_eq!(m.json_values().count(), out.len());
+        out
+    }
+
     #[test]
-    fn layout_round_trip() {
-        let i = item("a b/ü", 7, r#"{"sku":"a b/ü"}"#);
-        let v = encode(&i);
-        let s = decode(&v).unwrap();
-        assert_eq!(s.id, 7);
-        assert_eq!(s.updated_at, "2024-01-01 00:00:00");
-        assert_eq!(s.json, i.json.as_slice());
+    fn entry_round_trip() {
+        let v = encode(42, 7, 9, "2024-01-01 00:00:00");
+        let e = decode(&v).unwrap();
+        assert_eq!(
+            e,
+            Entry {
+                hash: 42,
+                id: 7,
+                seq: 9,
+                updated_at: "2024-01-01 00:00:00"
+            }
+        );
         assert!(decode(&v[..10]).is_none());
+        let mut v1 = v.clone();
+        v1[0] = LAYOUT1;
+        assert!(decode(&v1).is_none());
     }
 
     #[test]
@@ -311,6 +537,7 @@ mod tests {
             .apply(&[item("a", 1, "{}"), item("b", 2, "{}")], &[], &mut c)
             .unwrap();
         assert_eq!((a.created, c.products), (2, 2));
+        consistent(&m, &c);
         let a = m
             .apply(
                 &[item("a", 1, "{}"), item("b", 2, r#"{"x":1}"#)],
@@ -319,10 +546,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!((a.unchanged, a.updated, a.deleted), (1, 1, 0));
+        assert_eq!(consistent(&m, &c)["b"], r#"{"x":1}"#);
         let a = m.apply(&[], &["a".into()], &mut c).unwrap();
         assert_eq!((a.deleted, c.products), (1, 1));
         assert_eq!(m.cursor().unwrap(), c);
-        assert_eq!(m.recount(), 1);
+        consistent(&m, &c);
         // The same SKU twice in one call: the second compares with the first.
         let a = m
             .apply(
@@ -339,10 +567,7 @@ mod tests {
             (a.created, a.unchanged, a.updated, c.products),
             (1, 1, 1, 2)
         );
-        assert_eq!(
-            decode(&m.tree().get("d").unwrap().unwrap()).unwrap().json,
-            br#"{"y":2}"#
-        );
+        assert_eq!(consistent(&m, &c)["d"], r#"{"y":2}"#);
         let a = m
             .apply(
                 &[item("b", 2, r#"{"x":1}"#), item("b", 2, "{}")],
@@ -351,5 +576,135 @@ mod tests {
             )
             .unwrap();
         assert_eq!((a.unchanged, a.updated, c.products), (1, 1, 2));
+        assert_eq!(consistent(&m, &c)["b"], "{}");
+        // Upserted and deleted in one call: the delete wins, with its data.
+        let a = m
+            .apply(&[item("e", 5, "{}")], &["e".into(), "d".into()], &mut c)
+            .unwrap();
+        assert_eq!((a.created, a.deleted, c.products), (1, 2, 1));
+        assert_eq!(consistent(&m, &c).keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn changes_keep_their_seq_and_new_products_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 4).unwrap();
+        let m = Mirror::open(&store, "s", "default").unwrap();
+        let mut c = Cursor::default();
+        let seq = |sku: &str| decode(&m.index().get(sku).unwrap().unwrap()).unwrap().seq;
+        m.apply(&[item("b", 2, "{}"), item("a", 1, "{}")], &[], &mut c)
+            .unwrap();
+        assert_eq!((seq("b"), seq("a")), (1, 2));
+        m.apply(&[item("a", 1, r#"{"n":1}"#)], &[], &mut c).unwrap();
+        assert_eq!(seq("a"), 2);
+        // The largest data key deleted: the next product may take its seq,
+        // nothing points at it any more.
+        m.apply(&[], &["a".into()], &mut c).unwrap();
+        m.apply(&[item("c", 3, "{}"), item("d", 4, "{}")], &[], &mut c)
+            .unwrap();
+        assert_eq!((seq("c"), seq("d")), (2, 3));
+        let all = consistent(&m, &c);
+        assert_eq!(all.len(), 3);
+        // Export order is first-stored order.
+        let order: Vec<sled::IVec> = m.json_values().map(Result::unwrap).collect();
+        assert_eq!(order.len(), 3);
+        // A stale cursor copy cannot make a new product reuse a live seq:
+        // the next seq comes from the data tree, not the cursor.
+        let mut stale = Cursor::default();
+        m.apply(&[item("e", 5, r#"{"e":1}"#)], &[], &mut stale)
+            .unwrap();
+        assert_eq!(seq("e"), 4);
+        assert_eq!(m.docs.get(seq_key(1)).unwrap().unwrap().as_ref(), b"{}");
+    }
+
+    fn encode_layout1(i: &Item) -> Vec<u8> {
+        let mut v = vec![LAYOUT1];
+        v.extend_from_slice(&content_hash(&i.json).to_be_bytes());
+        v.extend_from_slice(&i.id.to_be_bytes());
+        v.push(i.updated_at.len() as u8);
+        v.extend_from_slice(i.updated_at.as_bytes());
+        v.extend_from_slice(&i.json);
+        v
+    }
+
+    #[test]
+    fn migrates_layout1_on_open_and_resumes_a_partial_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let items: Vec<Item> = (0..2500)
+            .map(|n| {
+                item(
+                    &format!("sku-{n:05}"),
+                    n,
+                    &format!(r#"{{"sku":"sku-{n:05}"}}"#),
+                )
+            })
+            .collect();
+        {
+            let store = Store::open(dir.path(), 4).unwrap();
+            // A schema-1 store: products in layout 1, one half-migrated
+            // batch (as a crash would leave it), a malformed value.
+            let m = Mirror::open(&store, "s", "default").unwrap();
+            for i in &items {
+                m.index()
+                    .insert(i.sku.as_bytes(), encode_layout1(i))
+                    .unwrap();
+            }
+            m.index().insert("broken", &[LAYOUT1, 0, 1][..]).unwrap();
+            let other = Mirror::open(&store, "t", "fr").unwrap();
+            other
+                .index()
+                .insert("x", encode_layout1(&item("x", 9, r#"{"x":1}"#)))
+                .unwrap();
+            let c = Cursor {
+                updated_at: Some("2024-01-01 00:00:00".into()),
+                products: 2501,
+                ..Cursor::default()
+            };
+            m.save_cursor(&c).unwrap();
+            other
+                .save_cursor(&Cursor {
+                    products: 1,
+                    ..Cursor::default()
+                })
+                .unwrap();
+            for (n, i) in items[..300].iter().enumerate() {
+                let seq = n as u64 + 1;
+                let e = encode(content_hash(&i.json), i.id, seq, &i.updated_at);
+                m.docs.insert(seq_key(seq), i.json.as_slice()).unwrap();
+                m.index().insert(i.sku.as_bytes(), e).unwrap();
+            }
+            store
+                .meta()
+                .insert(b"schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path(), 4).unwrap();
+        assert_eq!(
+            store
+                .meta()
+                .get(b"schema_version")
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            crate::store::SCHEMA_VERSION.to_be_bytes()
+        );
+        let m = Mirror::open(&store, "s", "default").unwrap();
+        let c = m.cursor().unwrap();
+        assert_eq!(c.updated_at.as_deref(), Some("2024-01-01 00:00:00"));
+        let all = consistent(&m, &c);
+        assert_eq!(all.len(), items.len());
+        for i in &items {
+            assert_eq!(all[&i.sku].as_bytes(), i.json.as_slice());
+            let v = m.index().get(&i.sku).unwrap().unwrap();
+            let e = decode(&v).unwrap();
+            assert_eq!((e.id, e.updated_at), (i.id, "2024-01-01 00:00:00"));
+        }
+        let t = Mirror::open(&store, "t", "fr").unwrap();
+        assert_eq!(consistent(&t, &t.cursor().unwrap())["x"], r#"{"x":1}"#);
+        // A migrated mirror syncs as usual: unchanged stays unchanged.
+        let mut c = c;
+        let a = m.apply(&items[..10], &[], &mut c).unwrap();
+        assert_eq!(a.unchanged, 10);
     }
 }

@@ -592,11 +592,11 @@ async fn products(
             .cloned()
             .unwrap_or_else(|| "default".into()),
     };
-    let tree = d.store.products(&name, &store_code)?;
+    let mirror = crate::mirror::Mirror::open(&d.store, &name, &store_code)?;
     let content_type = match format {
         crate::export::Format::Jsonl => "application/x-ndjson",
         crate::export::Format::Csv => "text/csv; charset=utf-8",
     };
-    let body = Body::from_stream(crate::export::stream(tree, format));
+    let body = Body::from_stream(crate::export::stream(mirror, format));
     Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// The layout this build writes. Bump with a migration in [`Store::open`].
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: mirrors split into a SKU index and a data tree
+/// ([`crate::mirror::migrate_layout1`] upgrades schema 1).
+pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// Pending flush requests; more wait for room (callers are async).
 const FLUSH_QUEUE: usize = 1024;
@@ -125,28 +127,27 @@ impl Store {
         // credentials, so make the directory private whatever the umask.
         let _ = std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o700));
         let meta = db.open_tree("meta")?;
-        match meta.get(SCHEMA_KEY)? {
-            None => {
-                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-            }
-            Some(v) => {
-                let found = <[u8; 4]>::try_from(v.as_ref())
+        let found = match meta.get(SCHEMA_KEY)? {
+            None => None,
+            Some(v) => Some(
+                <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
                     .map_err(|_| {
                         StoreError::Corrupt("meta.schema_version is not 4 bytes".into())
-                    })?;
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::NewerSchema {
-                        dir: dir.to_path_buf(),
-                        found,
-                        supported: SCHEMA_VERSION,
-                    });
-                }
-                // Older versions: migrations go here when the layout changes.
-            }
+                    })?,
+            ),
+        };
+        if let Some(found) = found
+            && found > SCHEMA_VERSION
+        {
+            return Err(StoreError::NewerSchema {
+                dir: dir.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
         }
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE);
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 shops: db.open_tree("shops")?,
@@ -160,7 +161,32 @@ impl Store {
                 flush_rx: std::sync::Mutex::new(Some(flush_rx)),
                 _lock: lock,
             }),
-        })
+        };
+        match found {
+            Some(SCHEMA_VERSION) => {}
+            None => {
+                store
+                    .meta()
+                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(old) => {
+                // Schema 1 → 2: the mirrors' layout. The version is written
+                // only once every mirror is migrated (and, sled recovering
+                // writes in order, durable only if they are).
+                tracing::info!(
+                    from = old,
+                    to = SCHEMA_VERSION,
+                    "migrating the state directory"
+                );
+                let n = crate::mirror::migrate_layout1(&store)?;
+                store
+                    .meta()
+                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                store.flush_blocking()?;
+                tracing::info!(products = n, "state directory migrated");
+            }
+        }
+        Ok(store)
     }
 
     /// The state directory.
@@ -198,12 +224,35 @@ impl Store {
         &self.inner.meta
     }
 
-    /// The mirror of one store view of one shop.
-    pub fn products(&self, shop: &str, store_code: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self
-            .inner
+    /// The two trees of one store view's mirror: the SKU index
+    /// (`products:{shop}:{store}`) and the data (`docs:{shop}:{store}`).
+    /// Their layout is [`crate::mirror`]'s.
+    pub fn mirror_trees(
+        &self,
+        shop: &str,
+        store_code: &str,
+    ) -> Result<(sled::Tree, sled::Tree), StoreError> {
+        Ok((
+            self.inner
+                .db
+                .open_tree(products_tree_name(shop, store_code))?,
+            self.inner.db.open_tree(docs_tree_name(shop, store_code))?,
+        ))
+    }
+
+    /// (shop, store code) of every mirror (from the index trees' names).
+    pub fn mirror_views(&self) -> Vec<(String, String)> {
+        self.inner
             .db
-            .open_tree(products_tree_name(shop, store_code))?)
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                let rest = n.strip_prefix(b"products:")?;
+                let rest = std::str::from_utf8(rest).ok()?;
+                let (shop, code) = rest.split_once(':')?;
+                Some((shop.to_string(), code.to_string()))
+            })
+            .collect()
     }
 
     /// A scratch tree (e.g. the SKUs seen by a full reconcile), dropped by
@@ -218,11 +267,12 @@ impl Store {
         Ok(())
     }
 
-    /// Drops every mirror tree of a shop (`shop remove --purge`).
+    /// Drops every mirror tree of a shop, index and data
+    /// (`shop remove --purge`).
     pub fn drop_products(&self, shop: &str) -> Result<(), StoreError> {
-        let prefix = format!("products:{shop}:");
+        let prefixes = [format!("products:{shop}:"), format!("docs:{shop}:")];
         for name in self.inner.db.tree_names() {
-            if name.starts_with(prefix.as_bytes()) {
+            if prefixes.iter().any(|p| name.starts_with(p.as_bytes())) {
                 self.inner.db.drop_tree(&name)?;
             }
         }
@@ -306,9 +356,15 @@ impl Store {
     }
 }
 
-/// `products:{shop}:{store}`; names and codes cannot contain ':'.
+/// `products:{shop}:{store}` (the SKU index); names and codes cannot
+/// contain ':'.
 pub fn products_tree_name(shop: &str, store_code: &str) -> String {
     format!("products:{shop}:{store_code}")
+}
+
+/// `docs:{shop}:{store}` (the product JSON).
+pub fn docs_tree_name(shop: &str, store_code: &str) -> String {
+    format!("docs:{shop}:{store_code}")
 }
 
 #[cfg(test)]
@@ -337,6 +393,36 @@ mod tests {
         }
         let err = Store::open(dir.path(), 4).err().unwrap();
         assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    }
+
+    #[test]
+    fn drop_products_drops_index_and_data_of_that_shop_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 4).unwrap();
+        for (shop, code) in [("a", "default"), ("a", "fr"), ("ab", "default")] {
+            let (index, docs) = s.mirror_trees(shop, code).unwrap();
+            index.insert("sku", "entry").unwrap();
+            docs.insert(1u64.to_be_bytes(), "{}").unwrap();
+        }
+        let mut views = s.mirror_views();
+        views.sort();
+        assert_eq!(
+            views,
+            [("a", "default"), ("a", "fr"), ("ab", "default")]
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        s.drop_products("a").unwrap();
+        let names: Vec<String> = s
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .filter(|n| n.contains(':'))
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["docs:ab:default", "products:ab:default"]);
     }
 
     #[tokio::test]

@@ -211,7 +211,7 @@ fn skus_of(mirror: &Mirror, ids: &[i64]) -> Result<Vec<String>, StoreError> {
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    for kv in mirror.tree().iter() {
+    for kv in mirror.index().iter() {
         let (k, v) = kv?;
         if crate::mirror::decode(&v).is_some_and(|s| ids.contains(&s.id)) {
             out.push(String::from_utf8_lossy(&k).into_owned());

@@ -198,7 +198,7 @@ async fn list_all(
             seen.insert(p.sku.as_bytes(), &p.id.to_be_bytes())
                 .map_err(StoreError::from)?;
             let stale = match mirror
-                .tree()
+                .index()
                 .get(p.sku.as_bytes())
                 .map_err(StoreError::from)?
             {

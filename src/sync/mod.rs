@@ -689,8 +689,8 @@ pub async fn delete_unseen(
         let mut gone = Vec::new();
         let mut last = None;
         let iter = match &from {
-            None => mirror.tree().range::<&[u8], _>(..),
-            Some(k) => mirror.tree().range::<&[u8], _>((
+            None => mirror.index().range::<&[u8], _>(..),
+            Some(k) => mirror.index().range::<&[u8], _>((
                 std::ops::Bound::Excluded(k.as_ref()),
                 std::ops::Bound::Unbounded,
             )),
