@@ -49,6 +49,34 @@ cobbyd status || rc=$?
 check "cobbyd status answers (exit $rc is 0 or 1)" test "$rc" = 0 -o "$rc" = 1
 journal
 
+section "a shop, a sync, and the journal's structured fields"
+# The built-in simulator plays the shop on loopback; the daemon (sandboxed
+# by the unit) probes and syncs it; the journal must carry SHOP=/RUN= fields
+# and none of the credentials.
+mkdir -p /root/sim
+cobbyd simulate --products 300 --port 18080 --control-port 18081 --credentials-dir /root/sim >/root/sim/log 2>&1 &
+sim_pid=$!
+for _ in $(seq 1 50); do [[ -s /root/sim/m2-oauth.toml ]] && break; sleep 0.2; done
+check "cobbyd shop add (through the unit's socket) succeeds" \
+    cobbyd shop add acme --platform magento2 --url http://127.0.0.1:18080 --credentials-file /root/sim/m2-oauth.toml
+check "cobbyd sync acme --wait succeeds" timeout 120 cobbyd sync acme --wait
+check "cobbyd status exits 0 with a healthy, synced shop" cobbyd status
+check "journalctl SHOP=acme finds the shop's lines" \
+    bash -c "journalctl -u cobbyd.service --no-pager SHOP=acme | grep -q 'shop added'"
+check "journalctl SHOP=acme finds the sync's end line" \
+    bash -c "journalctl -u cobbyd.service --no-pager SHOP=acme | grep -q 'sync ok'"
+check "the sync's end line carries RUN= and OUTCOME= fields" \
+    bash -c "journalctl -u cobbyd.service --no-pager -o json SHOP=acme | grep '\"OUTCOME\":\"ok\"' | grep -q '\"RUN\":'"
+leaked=0
+while IFS= read -r line; do
+    value=${line#*= \"}
+    value=${value%\"}
+    if journalctl -u cobbyd.service --no-pager -o json | grep -qF -- "$value"; then leaked=1; fi
+done < <(grep -E '^(consumer_key|consumer_secret|access_token|access_token_secret) = ' /root/sim/m2-oauth.toml)
+check "no credential value in the journal" test "$leaked" = 0
+kill "$sim_pid" 2>/dev/null
+wait "$sim_pid" 2>/dev/null
+
 section "systemctl reload (check-config, then SIGHUP)"
 check "systemctl reload cobbyd succeeds" timeout 60 systemctl reload cobbyd.service
 sleep 1
