@@ -74,6 +74,8 @@ while IFS= read -r line; do
     if journalctl -u cobbyd.service --no-pager -o json | grep -qF -- "$value"; then leaked=1; fi
 done < <(grep -E '^(consumer_key|consumer_secret|access_token|access_token_secret) = ' /root/sim/m2-oauth.toml)
 check "no credential value in the journal" test "$leaked" = 0
+# Removed before its shop goes away, so no failing probe warns below.
+check "cobbyd shop remove acme --purge succeeds" cobbyd shop remove acme --purge
 kill "$sim_pid" 2>/dev/null
 wait "$sim_pid" 2>/dev/null
 
