@@ -345,6 +345,22 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// A JSON value for people: strings bare, lists comma-separated, objects
+/// as `key=value` pairs.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(", "),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", plain(v)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
 /// GETs a JSON answer, or the exit code to return (the error already
 /// printed).
 async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
@@ -405,14 +421,7 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                     o.remove("status");
                 }
                 for (k, val) in shown.as_object().into_iter().flatten() {
-                    println!(
-                        "{k:<12} {}",
-                        if val.is_string() {
-                            val.as_str().unwrap_or("").to_string()
-                        } else {
-                            val.to_string()
-                        }
-                    );
+                    println!("{k:<12} {}", plain(val));
                 }
                 let status = json!({"daemon": {}, "shops": [v["status"].clone()]});
                 let table = render_status(&status, &Style::detect());

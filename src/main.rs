@@ -11,7 +11,24 @@ fn main() -> ExitCode {
     ExitCode::from(dispatch(cli))
 }
 
+/// Lets a one-shot command die quietly when its reader goes away
+/// (`cobbyd products X | head`), as command-line tools do, instead of
+/// panicking in `println!`. The daemon and the demo keep Rust's default
+/// (SIGPIPE ignored): they have sockets and children to look after.
+fn quiet_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installs the default disposition, no handler code runs; done
+    // before any thread is started.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn dispatch(cli: Cli) -> u8 {
+    if !matches!(
+        cli.command,
+        Command::Run | Command::Demo(_) | Command::Simulate(_)
+    ) {
+        quiet_sigpipe();
+    }
     match cli.command {
         Command::Run => daemon::run(cli.config),
         Command::CheckConfig => match config::load(cli.config.as_deref()) {

@@ -191,3 +191,37 @@ fn man_page_renders_and_completions_load() {
         );
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_client_commands_quietly() {
+    let sim = Sim::start(3000);
+    let d = Daemon::start("");
+    let out = d.add_shop(
+        "acme",
+        "magento2",
+        &sim.url(),
+        &sim.credentials().m2_oauth_toml(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.wait_shop("acme", "first sync", |s| {
+        s["sync"]["last_run"]["outcome"] == "ok"
+    });
+    for cmd in [
+        "products acme",
+        "products acme --format csv",
+        "shop show acme",
+        "status",
+    ] {
+        let script = format!(
+            "'{BIN}' {cmd} --config '{}' | head -c 10 >/dev/null",
+            d.config.display()
+        );
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+        assert!(err.is_empty(), "{cmd}: {err}");
+    }
+    // The daemon is unaffected by the reader going away mid-export.
+    assert_eq!(d.http("GET", "/health", None).0, 200);
+}
