@@ -479,13 +479,20 @@ async fn run(
     let run_id = d.store.next_run_id()?;
     // A run interrupted earlier (shutdown, crash, failure) is resumed from
     // its checkpoint: its run cursors are handed to this run.
+    // Store views run in order and a finished view clears its run cursor,
+    // so the views before the first unfinished one were completed by the
+    // interrupted run and are not redone.
     let mut resumed_id = None;
-    for code in &rec.store_codes {
+    let mut first_view = 0;
+    for (i, code) in rec.store_codes.iter().enumerate() {
         let mirror = Mirror::open(&d.store, &rec.name, code)?;
         let mut cursor = mirror.cursor()?;
         if let Some(r) = cursor.run.as_mut()
             && r.full == full
         {
+            if resumed_id.is_none() {
+                first_view = i;
+            }
             resumed_id = Some(r.run_id);
             r.run_id = run_id;
             mirror.save_cursor(&cursor)?;
@@ -521,7 +528,7 @@ async fn run(
             .registry
             .client(rec, &client_options(&cfg))
             .map_err(SyncError::Shop)?;
-        for code in &rec.store_codes {
+        for code in &rec.store_codes[first_view..] {
             ctx.check()?;
             ctx.update(|p| p.store_code = code.clone());
             match &client {
