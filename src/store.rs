@@ -296,11 +296,6 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt("meta.run_seq is not 8 bytes".into()))
     }
 
-    /// Bytes sled uses on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
-    }
-
     /// Makes every write so far durable. Concurrent callers share one
     /// `fsync`. Needs [`Store::spawn_flusher`] to have run.
     pub async fn flush(&self) -> Result<(), StoreError> {
