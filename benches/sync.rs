@@ -20,6 +20,9 @@
 //! the daemon dying). Targets are reported, not asserted: timings on a shared
 //! machine are not a pass/fail signal.
 
+#[path = "../tests/it/harness.rs"]
+mod harness;
+
 use anyhow::{Context, Result, anyhow, bail};
 use cobbyd::magento::m2::{M2Auth, M2Client, ProductQuery};
 use cobbyd::secret::Secret;
@@ -27,7 +30,6 @@ use cobbyd::sim::{SimConfig, SimHandle};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -324,47 +326,9 @@ impl Drop for Daemon {
     }
 }
 
-/// One HTTP/1.1 request over a Unix socket (Connection: close).
+/// One HTTP/1.1 request over a Unix socket: the integration tests' client.
 fn http_unix(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: cobbyd\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("bad answer: {text:?}"))?;
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    Ok(harness::http_unix(socket, method, path, None)?)
 }
 
 /// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).

@@ -38,6 +38,29 @@ pub const CSV_FIXED: [&str; 8] = [
     "updated_at",
 ];
 
+/// Where each of [`CSV_FIXED`] comes from in a Magento 2 item.
+const M2_KEYS: [&str; 8] = [
+    "sku",
+    "id",
+    "type_id",
+    "name",
+    "status",
+    "visibility",
+    "price",
+    "updated_at",
+];
+/// Where each of [`CSV_FIXED`] comes from in a Magento 1 `catalog_product.info` answer.
+const M1_KEYS: [&str; 8] = [
+    "sku",
+    "product_id",
+    "type",
+    "name",
+    "status",
+    "visibility",
+    "price",
+    "updated_at",
+];
+
 /// The export as a stream of chunks.
 pub fn stream(
     mirror: crate::mirror::Mirror,
@@ -106,32 +129,15 @@ pub fn flatten(p: &Value) -> (Vec<String>, Vec<(String, String)>) {
         }
     };
     let m1 = p.get("product_id").is_some();
-    let fixed = vec![
-        text(p.get("sku")),
-        text(p.get(if m1 { "product_id" } else { "id" })),
-        text(p.get(if m1 { "type" } else { "type_id" })),
-        text(p.get("name")),
-        text(p.get("status")),
-        text(p.get("visibility")),
-        text(p.get("price")),
-        text(p.get("updated_at")),
-    ];
+    let keys = if m1 { &M1_KEYS } else { &M2_KEYS };
+    let fixed = keys.iter().map(|k| text(p.get(*k))).collect();
     let mut custom = Vec::new();
     if m1 {
-        const KNOWN: [&str; 9] = [
-            "sku",
-            "product_id",
-            "type",
-            "name",
-            "status",
-            "visibility",
-            "price",
-            "updated_at",
-            "type_id",
-        ];
+        // Magento 1 answers carry `type_id` besides `type`; it is not custom.
+        let known = |k: &str| M1_KEYS.contains(&k) || k == "type_id";
         if let Some(obj) = p.as_object() {
             for (k, v) in obj {
-                if !KNOWN.contains(&k.as_str()) {
+                if !known(k) {
                     custom.push((k.clone(), text(Some(v))));
                 }
             }

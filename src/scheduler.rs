@@ -105,10 +105,21 @@ pub async fn probe_now(daemon: &Daemon, rec: &crate::shop::ShopRecord) -> Durati
 
 /// Runs a probe without recording it.
 pub async fn probe_once(daemon: &Daemon, rec: &crate::shop::ShopRecord) -> crate::probe::Outcome {
-    let cfg = daemon.config();
+    let client = daemon
+        .registry
+        .client(rec, &client_options(&daemon.config()))?;
+    probe_with(daemon, &client, rec).await
+}
+
+/// Probes with a given client (the shared one, or a fresh one for a
+/// candidate record), timing it for the metrics.
+pub async fn probe_with(
+    daemon: &Daemon,
+    client: &crate::registry::ShopClient,
+    rec: &crate::shop::ShopRecord,
+) -> crate::probe::Outcome {
     let started = Instant::now();
-    let client = daemon.registry.client(rec, &client_options(&cfg))?;
-    let result = client.probe(rec, cfg.probe.timeout).await;
+    let result = client.probe(rec, daemon.config().probe.timeout).await;
     let latency = started.elapsed();
     daemon
         .metrics

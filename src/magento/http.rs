@@ -27,6 +27,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// every request, a bounded connect time, and redirects limited to
 /// [`MAX_REDIRECTS`] that never leave the shop's host (the request carries
 /// credentials) nor downgrade https to http.
+/// Checks a shop's base URL (http(s) with a host) and returns it without a
+/// trailing slash.
+pub(crate) fn base_url(base_url: &str) -> Result<String, ShopError> {
+    let invalid = |why: String| {
+        ShopError::new(
+            FailureKind::Protocol,
+            format!("invalid shop URL {base_url:?}: {why}"),
+        )
+    };
+    let parsed = url::Url::parse(base_url).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid("needs http(s):// and a host".into()));
+    }
+    Ok(base_url.trim_end_matches('/').to_string())
+}
+
 pub(crate) fn build_client(opts: &ClientOptions) -> Result<reqwest::Client, ShopError> {
     // One client per distinct timeout, shared by every shop: a reqwest
     // client carries its own TLS root store and connection pool, which with

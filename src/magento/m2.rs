@@ -146,23 +146,12 @@ impl M2Client {
         auth: M2Auth,
         opts: &ClientOptions,
     ) -> Result<Self, ShopError> {
-        let parsed = url::Url::parse(base_url).map_err(|e| {
-            ShopError::new(
-                FailureKind::Protocol,
-                format!("invalid shop URL {base_url:?}: {e}"),
-            )
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(ShopError::new(
-                FailureKind::Protocol,
-                format!("invalid shop URL {base_url:?}: needs http(s):// and a host"),
-            ));
-        }
+        let base = http::base_url(base_url)?;
         Ok(M2Client {
             inner: Arc::new(Inner {
                 shop: shop.to_string(),
                 http: http::build_client(opts)?,
-                base: base_url.trim_end_matches('/').to_string(),
+                base,
                 auth,
                 opts: opts.clone(),
                 prefix: AtomicUsize::new(0),

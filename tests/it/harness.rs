@@ -231,6 +231,21 @@ impl Daemon {
         self.wait_healthy();
     }
 
+    /// Adds a Magento 2 shop of `sim` (OAuth) and waits for its first sync.
+    pub fn add_synced_m2_shop(&self, name: &str, sim: &Sim) {
+        let out = self.add_shop(
+            name,
+            "magento2",
+            &sim.url(),
+            &sim.credentials().m2_oauth_toml(),
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        self.wait_shop(name, "first sync", |s| {
+            s["sync"]["last_run"]["outcome"] == "ok"
+        });
+    }
+
     /// `shop add` with credentials on stdin.
     pub fn add_shop(
         &self,

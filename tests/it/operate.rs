@@ -52,17 +52,7 @@ fn metrics_parse_with_promtool_and_match_status() {
     let promtool = tool("promtool");
     let sim = Sim::start(600);
     let d = Daemon::start("[sync]\npage_size = 100\n");
-    let out = d.add_shop(
-        "acme",
-        "magento2",
-        &sim.url(),
-        &sim.credentials().m2_oauth_toml(),
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("acme", "first sync", |s| {
-        s["sync"]["last_run"]["outcome"] == "ok"
-    });
+    d.add_synced_m2_shop("acme", &sim);
     let (code, metrics) = d.http("GET", "/metrics", None);
     assert_eq!(code, 200);
     let mut check = Command::new(&promtool)
@@ -196,17 +186,7 @@ fn man_page_renders_and_completions_load() {
 fn a_closed_pipe_ends_client_commands_quietly() {
     let sim = Sim::start(3000);
     let d = Daemon::start("");
-    let out = d.add_shop(
-        "acme",
-        "magento2",
-        &sim.url(),
-        &sim.credentials().m2_oauth_toml(),
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("acme", "first sync", |s| {
-        s["sync"]["last_run"]["outcome"] == "ok"
-    });
+    d.add_synced_m2_shop("acme", &sim);
     for cmd in [
         "products acme",
         "products acme --format csv",
