@@ -15,7 +15,7 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -165,6 +165,9 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Ap
     serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("request body: {e}")))
 }
 
+/// Refuses mutations while draining. Handlers read their body before
+/// calling this: answering with unread request bytes makes the kernel reset
+/// the connection, and the client loses the answer.
 fn refuse_while_stopping(d: &Daemon) -> Result<(), ApiError> {
     if d.stopping() {
         Err(ApiError::new(
@@ -318,18 +321,13 @@ fn diagnosis(err: &crate::magento::ShopError, shop: &ShopRecord) -> Value {
 /// Probes a record with a fresh client (not the cached one: the record may
 /// be a candidate that is not registered yet).
 async fn probe_candidate(d: &Daemon, rec: &ShopRecord) -> crate::probe::Outcome {
-    let cfg = d.config();
-    let client = ShopClient::new(rec, &client_options(&cfg))?;
-    let started = Instant::now();
-    let result = client.probe(rec, cfg.probe.timeout).await;
-    d.metrics
-        .observe_probe(&rec.name, started.elapsed(), result.is_ok());
-    Ok((result?, started.elapsed()))
+    let client = ShopClient::new(rec, &client_options(&d.config()))?;
+    crate::scheduler::probe_with(d, &client, rec).await
 }
 
 async fn add_shop(State(d): D, req: Request) -> ApiResult {
-    refuse_while_stopping(&d)?;
     let body: AddShop = read_json(req).await?;
+    refuse_while_stopping(&d)?;
     shop::validate_name(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let url = shop::validate_url(&body.url).map_err(|e| ApiError::invalid(e.to_string()))?;
     let mut store_codes = body.store_codes;
@@ -466,8 +464,8 @@ struct Rotate {
 }
 
 async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
-    refuse_while_stopping(&d)?;
     let body: Rotate = read_json(req).await?;
+    refuse_while_stopping(&d)?;
     let _guard = d.admin.lock().await;
     let old = d
         .registry
@@ -513,8 +511,8 @@ struct SyncRequest {
 }
 
 async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
-    refuse_while_stopping(&d)?;
     let body: SyncRequest = read_json(req).await?;
+    refuse_while_stopping(&d)?;
     let rec = d
         .registry
         .get(&name)

@@ -256,17 +256,7 @@ fn draining_reports_503_and_a_second_sigterm_exits_at_once() {
     // A drain that would outlast the test's patience unless the second
     // signal cuts it short.
     let mut d = Daemon::start_with("", &[("COBBYD__DAEMON__SHUTDOWN_TIMEOUT", "10min")]);
-    let out = d.add_shop(
-        "slow",
-        "magento2",
-        &sim.url(),
-        &sim.credentials().m2_oauth_toml(),
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    d.wait_shop("slow", "first sync", |s| {
-        s["sync"]["last_run"]["outcome"] == "ok"
-    });
+    d.add_synced_m2_shop("slow", &sim);
     sim.set_fault(cobbyd::sim::Fault::Slow(Duration::from_secs(600)));
     let out = d.cli(&["sync", "slow", "--full"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -276,7 +266,9 @@ fn draining_reports_503_and_a_second_sigterm_exits_at_once() {
     d.signal(Signal::SIGTERM);
     let t = Instant::now();
     loop {
-        let (code, body) = d.http("GET", "/health", None);
+        let (code, body) = d
+            .try_http("GET", "/health", None)
+            .unwrap_or_else(|e| panic!("socket gone while draining ({e}):\n{}", d.log()));
         if code == 503 {
             assert!(body.contains("stopping"), "{body}");
             break;
