@@ -8,6 +8,7 @@ use crate::notify;
 use crate::probe::HealthBook;
 use crate::queue::{JobKind, Queue, now_ms};
 use crate::registry::Registry;
+use crate::spread::{self, Recurring};
 use crate::store::Store;
 use crate::sync::SyncManager;
 use crate::{scheduler, server};
@@ -114,24 +115,34 @@ impl Daemon {
     }
 
     /// Makes sure every shop has its recurring jobs pending (after start-up
-    /// and after `shop add`). Existing pending jobs keep their time.
+    /// and after `shop add`). Existing pending jobs keep their time (a shop
+    /// waiting out a backoff keeps waiting); missing ones get the shop's
+    /// slot in the coming interval (`spread`).
     pub fn ensure_jobs(&self, shop: &str) -> Result<(), crate::store::StoreError> {
         let cfg = self.config();
         let now = now_ms();
-        let jitter = |d: Duration| -> u64 {
-            // Spread first runs over a tenth of the interval, per shop.
-            let span = (d.as_millis() as u64 / 10).max(1);
-            shop_hash(shop) % span
-        };
-        self.queue
-            .schedule_at(shop, JobKind::Probe, now + jitter(cfg.probe.interval), true)?;
+        if self.queue.pending(shop, JobKind::Probe).is_none() {
+            // A shop never probed (added with --no-verify) is probed now.
+            let due = if self.health.get(shop).last_probe.is_none() {
+                now
+            } else {
+                spread::first_due_ms(shop, Recurring::Probe, now, cfg.probe.interval)
+            };
+            self.queue.schedule_at(shop, JobKind::Probe, due, true)?;
+        }
         if self.queue.pending(shop, JobKind::Sync).is_none() {
-            self.queue
-                .schedule_at(shop, JobKind::Sync, now + jitter(cfg.sync.interval), true)?;
+            let due = spread::first_due_ms(shop, Recurring::Sync, now, cfg.sync.interval);
+            self.queue.schedule_at(shop, JobKind::Sync, due, true)?;
         }
         if self.queue.pending(shop, JobKind::FullSync).is_none() {
-            let due =
-                now + cfg.sync.full_interval.as_millis() as u64 + jitter(cfg.sync.full_interval);
+            // The first full reconcile comes after a full interval: the
+            // first incremental sync already reads the whole catalog.
+            let due = spread::next_due_ms(
+                shop,
+                Recurring::FullSync,
+                now + cfg.sync.full_interval.as_millis() as u64 / 2,
+                cfg.sync.full_interval,
+            );
             self.queue.schedule_at(shop, JobKind::FullSync, due, true)?;
         }
         Ok(())

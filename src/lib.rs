@@ -24,5 +24,6 @@ pub mod secret;
 pub mod server;
 pub mod shop;
 pub mod sim;
+pub mod spread;
 pub mod store;
 pub mod sync;

@@ -218,11 +218,7 @@ impl Mirror {
     }
 
     pub fn cursor(&self) -> Result<Cursor, StoreError> {
-        match self.store.cursor().get(self.key.as_bytes())? {
-            None => Ok(Cursor::default()),
-            Some(v) => serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt(format!("cursor {}: {e}", self.key))),
-        }
+        read_cursor_key(&self.store, &self.key)
     }
 
     /// Stores `upserts`, removes `deletes` (SKUs) and writes `cursor`, all or
@@ -461,6 +457,20 @@ pub fn migrate_layout1(store: &Store) -> Result<u64, StoreError> {
 /// `shop/store`.
 pub fn cursor_key(shop: &str, store_code: &str) -> String {
     format!("{shop}/{store_code}")
+}
+
+/// A store view's checkpoint, without opening its mirror's trees (status
+/// reads it for every shop).
+pub fn read_cursor(store: &Store, shop: &str, store_code: &str) -> Result<Cursor, StoreError> {
+    read_cursor_key(store, &cursor_key(shop, store_code))
+}
+
+fn read_cursor_key(store: &Store, key: &str) -> Result<Cursor, StoreError> {
+    match store.cursor().get(key.as_bytes())? {
+        None => Ok(Cursor::default()),
+        Some(v) => serde_json::from_slice(&v)
+            .map_err(|e| StoreError::Corrupt(format!("cursor {key}: {e}"))),
+    }
 }
 
 #[cfg(test)]

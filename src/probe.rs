@@ -85,14 +85,14 @@ impl HealthBook {
 pub type Outcome = Result<(ProbeInfo, Duration), ShopError>;
 
 /// Computes the next health record and the delay to the next probe. Pure:
-/// the caller supplies `now` and a jitter fraction in [0, 1).
+/// the caller supplies `now`. A healthy shop's next probe falls on its own
+/// phase of the interval (`spread`); a failing one backs off.
 pub fn next_record(
     prev: &HealthRecord,
     shop: &ShopRecord,
     outcome: &Outcome,
     cfg: &ProbeConfig,
     now: DateTime<Utc>,
-    jitter: f64,
 ) -> (HealthRecord, Duration) {
     let now_s = rfc3339(now);
     let mut rec = prev.clone();
@@ -114,8 +114,14 @@ pub fn next_record(
                 rec.state = ShopState::Healthy;
                 rec.state_since = Some(now_s.clone());
             }
-            // Up to +10% so a thousand shops do not probe in the same second.
-            cfg.interval + cfg.interval.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
+            let now_ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+            let due = crate::spread::next_due_ms(
+                &shop.name,
+                crate::spread::Recurring::Probe,
+                now_ms,
+                cfg.interval,
+            );
+            Duration::from_millis(due.saturating_sub(now_ms))
         }
         Err(err) => {
             rec.consecutive_failures = rec.consecutive_failures.saturating_add(1);
@@ -219,17 +225,10 @@ mod tests {
         };
         let t0 = Utc::now();
         let err: Outcome = Err(ShopError::new(FailureKind::Connect, "refused"));
-        let (r1, d1) = next_record(&HealthRecord::default(), &shop(), &err, &cfg, t0, 0.5);
+        let (r1, d1) = next_record(&HealthRecord::default(), &shop(), &err, &cfg, t0);
         assert_eq!(r1.state, ShopState::Degraded);
         assert_eq!(r1.problem.as_ref().unwrap().attempts, 1);
-        let (r2, d2) = next_record(
-            &r1,
-            &shop(),
-            &err,
-            &cfg,
-            t0 + chrono::Duration::seconds(40),
-            0.5,
-        );
+        let (r2, d2) = next_record(&r1, &shop(), &err, &cfg, t0 + chrono::Duration::seconds(40));
         assert_eq!(r2.state, ShopState::Down);
         assert_eq!(
             r2.problem.as_ref().unwrap().since,
@@ -237,16 +236,12 @@ mod tests {
         );
         assert!(d2 > d1);
         let ok: Outcome = Ok((ProbeInfo::default(), Duration::from_millis(5)));
-        let (r3, d3) = next_record(
-            &r2,
-            &shop(),
-            &ok,
-            &cfg,
-            t0 + chrono::Duration::seconds(50),
-            0.0,
-        );
+        let (r3, d3) = next_record(&r2, &shop(), &ok, &cfg, t0 + chrono::Duration::seconds(50));
         assert_eq!(r3.state, ShopState::Healthy);
         assert!(r3.problem.is_none());
-        assert_eq!(d3, cfg.interval);
+        assert!(
+            d3 >= cfg.interval / 2 && d3 < cfg.interval * 3 / 2,
+            "{d3:?}"
+        );
     }
 }

@@ -231,7 +231,7 @@ fn daemon_json(d: &Daemon) -> Value {
 /// One shop as status shows it.
 pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
     let h = d.health.get(&rec.name);
-    json!({
+    let mut v = json!({
         "name": rec.name,
         "platform": rec.platform,
         "url": rec.url,
@@ -247,8 +247,10 @@ pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
         "consecutive_failures": h.consecutive_failures,
         "retry_delays_ms": h.retry_delays_ms,
         "problem": h.problem,
-        "sync": d.syncs.status_json(d, rec),
-    })
+    });
+    // Inserted, not written inside `json!`, which would deep-copy it.
+    v["sync"] = d.syncs.status_json(d, rec);
+    v
 }
 
 #[derive(Deserialize)]
@@ -267,10 +269,9 @@ async fn status(State(d): D, Query(q): Query<StatusQuery>) -> ApiResult {
         }
         None => d.registry.list().iter().map(|r| shop_json(&d, r)).collect(),
     };
-    ok_json(
-        StatusCode::OK,
-        json!({"daemon": daemon_json(&d), "shops": shops}),
-    )
+    let mut v = json!({ "daemon": daemon_json(&d) });
+    v["shops"] = Value::Array(shops);
+    ok_json(StatusCode::OK, v)
 }
 
 async fn list_shops(State(d): D) -> ApiResult {

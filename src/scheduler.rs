@@ -135,14 +135,7 @@ pub fn record_outcome(
     cfg: &crate::config::ProbeConfig,
 ) -> Duration {
     let prev = daemon.health.get(&rec.name);
-    let (next, delay) = crate::probe::next_record(
-        &prev,
-        rec,
-        outcome,
-        cfg,
-        chrono::Utc::now(),
-        rand::random::<f64>(),
-    );
+    let (next, delay) = crate::probe::next_record(&prev, rec, outcome, cfg, chrono::Utc::now());
     crate::probe::log_transition(&rec.name, &prev, &next);
     if let Err(e) = daemon.health.put(&rec.name, &next) {
         tracing::error!(shop = %rec.name, "health: {e}");

@@ -103,6 +103,10 @@ struct ShopSync {
     progress: Mutex<Option<Progress>>,
     queued: AtomicUsize,
     cancel: watch::Sender<bool>,
+    /// The last finished run, as stored (`None` until first read): status
+    /// shows it for every shop, and reading it back from sled each time
+    /// dominated status with a thousand shops.
+    last_run: Mutex<Option<Option<RunRecord>>>,
 }
 
 /// Owns the concurrency limits and the visible state of all syncs.
@@ -149,6 +153,7 @@ impl SyncManager {
                     progress: Mutex::new(None),
                     queued: AtomicUsize::new(0),
                     cancel: watch::channel(false).0,
+                    last_run: Mutex::new(None),
                 })
             })
             .clone()
@@ -172,6 +177,23 @@ impl SyncManager {
                 tracing::warn!(shop = name, "the running sync did not stop in time");
             }
         }
+    }
+
+    /// The shop's last finished run (cached; see `ShopSync::last_run`).
+    fn last_run(&self, store: &Store, name: &str) -> Option<RunRecord> {
+        let s = self.shop(name);
+        let mut cached = s.last_run.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(run) = &*cached {
+            return run.clone();
+        }
+        let run = recent_runs(store, name, 1).ok().and_then(|mut v| v.pop());
+        *cached = Some(run.clone());
+        run
+    }
+
+    fn set_last_run(&self, run: &RunRecord) {
+        let s = self.shop(&run.shop);
+        *s.last_run.lock().unwrap_or_else(|e| e.into_inner()) = Some(Some(run.clone()));
     }
 
     fn progress(&self, name: &str) -> Option<Progress> {
@@ -232,18 +254,14 @@ impl SyncManager {
         let mut products = 0u64;
         let mut stores = serde_json::Map::new();
         for code in &rec.store_codes {
-            let c = Mirror::open(&d.store, &rec.name, code)
-                .and_then(|m| m.cursor())
-                .unwrap_or_default();
+            let c = crate::mirror::read_cursor(&d.store, &rec.name, code).unwrap_or_default();
             products += c.products;
             stores.insert(
                 code.clone(),
                 json!({"products": c.products, "cursor_updated_at": c.updated_at, "resumable": c.run.is_some()}),
             );
         }
-        let last_run = recent_runs(&d.store, &rec.name, 1)
-            .ok()
-            .and_then(|mut v| v.pop());
+        let last_run = self.last_run(&d.store, &rec.name);
         let last_error = last_run.as_ref().and_then(|r| r.error.clone());
         let next = |k| {
             d.queue
@@ -251,16 +269,17 @@ impl SyncManager {
                 .and_then(|j| chrono::DateTime::from_timestamp_millis(j.due_ms as i64))
                 .map(rfc3339)
         };
-        json!({
+        let mut v = json!({
             "state": state,
             "progress": progress,
             "last_run": last_run,
             "last_error": last_error,
             "products": products,
-            "stores": stores,
             "next_sync": next(JobKind::Sync),
             "next_full_sync": next(JobKind::FullSync),
-        })
+        });
+        v["stores"] = Value::Object(stores);
+        v
     }
 }
 
@@ -277,7 +296,6 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
     } else {
         cfg.sync.interval
     };
-    let jitter = |i: Duration| (rand::random::<f64>() * i.as_millis() as f64 * 0.1) as u64;
     let health = d.health.get(&rec.name).state;
     if !health.may_sync() {
         tracing::debug!(shop = %rec.name, state = health.as_str(), "sync skipped: shop not reachable");
@@ -311,7 +329,14 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
 
     let outcome = run(d, &rec, &shop, full, stop).await;
     let next = match &outcome {
-        Ok(()) => now_ms() + interval.as_millis() as u64 + jitter(interval),
+        Ok(()) => {
+            let what = if full {
+                crate::spread::Recurring::FullSync
+            } else {
+                crate::spread::Recurring::Sync
+            };
+            crate::spread::next_due_ms(&rec.name, what, now_ms(), interval)
+        }
         Err(SyncError::Interrupted) => now_ms(),
         Err(SyncError::Cancelled) => 0,
         // Failed: try again soon (the probe decides whether the shop is up).
@@ -582,6 +607,7 @@ async fn run(
     };
     if outcome != "cancelled" {
         save_run(&d.store, &record, cfg.sync.keep_runs)?;
+        d.syncs.set_last_run(&record);
     }
     d.metrics
         .observe_sync(&rec.name, kind, took, result.is_ok());
