@@ -4,7 +4,7 @@
 //! the slow end).
 
 use crate::magento::{FailureKind, ShopError};
-use crate::shop::Platform;
+use crate::shop::{AuthMode, Platform};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -168,9 +168,14 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
 /// The hint for a shop: bearer-token shops that are refused get the bearer
 /// setting named, since that is the usual cause (off by default since 2.4.4).
 pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
-    let base = hint(kind, shop.platform);
-    if shop.platform == Platform::Magento2
-        && shop.auth == crate::shop::AuthMode::Bearer
+    hint_for_auth(kind, shop.platform, shop.auth)
+}
+
+/// [`hint_for`] without a shop record: the hint for a platform and auth mode.
+pub fn hint_for_auth(kind: FailureKind, platform: Platform, auth: AuthMode) -> String {
+    let base = hint(kind, platform);
+    if platform == Platform::Magento2
+        && auth == AuthMode::Bearer
         && matches!(
             kind,
             FailureKind::Unauthorized | FailureKind::ForbiddenResource
@@ -182,6 +187,21 @@ pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
     } else {
         base.to_string()
     }
+}
+
+/// Every (kind, platform, hint): what the README's troubleshooting section
+/// is generated from (tests/it/faults.rs), so that the docs cannot drift
+/// from what status shows.
+#[doc(hidden)]
+pub fn all_hints() -> Vec<(FailureKind, Platform, &'static str)> {
+    FailureKind::ALL
+        .iter()
+        .flat_map(|&k| {
+            [Platform::Magento1, Platform::Magento2]
+                .into_iter()
+                .map(move |p| (k, p, hint(k, p)))
+        })
+        .collect()
 }
 
 /// Delay before the next probe of a failing shop.
