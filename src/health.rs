@@ -145,7 +145,7 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
             "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed."
         }
         ForbiddenResource => {
-            "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles."
+            "The API user's role lacks the resource of the call named in the message: allow it in System > Web Services > SOAP/XML-RPC Roles > Role Resources (cobbyd calls core_magento.info, catalog_product.list and catalog_product.info)."
         }
         BadSignature => {
             "The shop refused the OAuth signature: the consumer secret or access token secret is wrong (fix it with `cobbyd shop rotate`), or this server's clock is more than 10 minutes off (check NTP)."
@@ -159,8 +159,11 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
         RateLimited => {
             "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists."
         }
-        ServerError => {
+        ServerError if m2 => {
             "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message)."
+        }
+        ServerError => {
+            "The shop failed internally (HTTP 500, or API fault 0 or 1): look at the shop's logs (var/log/system.log, var/log/exception.log, var/report)."
         }
     }
 }

@@ -80,8 +80,9 @@ impl FailureKind {
         use FailureKind::*;
         match self {
             Dns | Connect | Tls | Timeout | HttpStatus | NotApi | Maintenance | Unauthorized
-            | ForbiddenResource | BadSignature | Session | Protocol | RateLimited
-            | ServerError => true,
+            | ForbiddenResource | BadSignature | Session | Protocol | RateLimited | ServerError => {
+                true
+            }
         }
     }
 
@@ -182,4 +183,3 @@ pub struct ProbeInfo {
     /// The API base that answered (e.g. with the `index.php/` fallback).
     pub api_base: String,
 }
-

@@ -246,8 +246,18 @@ const ROWS: &[Row] = &[
     row(&KEY, M2, Sync, Refused("auth_failed", K::Unauthorized)),
     row(&SECRET, M2, Probe, Problem("auth_failed", K::BadSignature)),
     row(&SECRET, M2, Sync, Refused("auth_failed", K::BadSignature)),
-    row(&ACL, M1, Probe, Problem("auth_failed", K::ForbiddenResource)),
-    row(&ACL, M2, Probe, Problem("auth_failed", K::ForbiddenResource)),
+    row(
+        &ACL,
+        M1,
+        Probe,
+        Problem("auth_failed", K::ForbiddenResource),
+    ),
+    row(
+        &ACL,
+        M2,
+        Probe,
+        Problem("auth_failed", K::ForbiddenResource),
+    ),
     row(&ACL, M1, Sync, RunFails(K::ForbiddenResource, 1)),
     row(&ACL, M2, Sync, RunFails(K::ForbiddenResource, 1)),
     row(
@@ -423,9 +433,7 @@ fn wait_for(
         }
         if t.elapsed() > ROW_WAIT {
             seen.note(format!("{what}: {}", trace.join(" → ")));
-            return Err(seen.fail(format!(
-                "timed out waiting for {what}; last status: {s:#}"
-            )));
+            return Err(seen.fail(format!("timed out waiting for {what}; last status: {s:#}")));
         }
         std::thread::sleep(Duration::from_millis(150));
     }
@@ -481,9 +489,7 @@ fn creds(row: &Row, sim: &SimHandle) -> String {
     match (&row.sit.inject, row.p) {
         (Inject::WrongKey, M1) => c.api_key = "ffffffffwrongapikey0000000000000".into(),
         (Inject::WrongKey, M2) => c.consumer_key = "ffffffffwrongconsumerkey00000000".into(),
-        (Inject::WrongSecret, _) => {
-            c.consumer_secret = "ffffffffwrongconsumersecret00000".into()
-        }
+        (Inject::WrongSecret, _) => c.consumer_secret = "ffffffffwrongconsumersecret00000".into(),
         (Inject::BearerOff, _) => return c.m2_bearer_toml(),
         _ => {}
     }
@@ -654,12 +660,17 @@ fn probe_row(
                         let lines = shop_log(d, name);
                         let failed = lines.iter().position(|l| has_field(l, "kind", kind));
                         let healed = failed.and_then(|i| {
-                            lines[i..].iter().position(|l| l.contains("shop is healthy"))
+                            lines[i..]
+                                .iter()
+                                .position(|l| l.contains("shop is healthy"))
                         });
                         if healed.is_some() {
                             let i = failed.unwrap_or(0);
-                            let transitions: Vec<&String> =
-                                lines[i..].iter().filter(|l| l.contains("shop is")).take(2).collect();
+                            let transitions: Vec<&String> = lines[i..]
+                                .iter()
+                                .filter(|l| l.contains("shop is"))
+                                .take(2)
+                                .collect();
                             seen.note(format!("log: {transitions:?}"));
                             break;
                         }
@@ -806,9 +817,7 @@ fn sync_row(
     match row.expect {
         RunFails(want_kind, attempts) => {
             if run["outcome"] != "failed" || run["error"]["kind"] != want_kind.as_str() {
-                return Err(seen.fail(format!(
-                    "want a failed run of kind {want_kind}: {run:#}"
-                )));
+                return Err(seen.fail(format!("want a failed run of kind {want_kind}: {run:#}")));
             }
             let hint = row.hint(want_kind);
             if run["error"]["hint"] != hint.as_str() {
@@ -941,7 +950,11 @@ fn matrix() {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s
         .lines()
-        .filter(|l| [" INFO ", " WARN ", " ERROR "].iter().any(|w| l.contains(w)))
+        .filter(|l| {
+            [" INFO ", " WARN ", " ERROR "]
+                .iter()
+                .any(|w| l.contains(w))
+        })
         .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -1186,6 +1199,8 @@ fn readme_troubleshooting_is_generated() {
         eprintln!("rewrote the troubleshooting section of {}", path.display());
         return;
     }
+    // Line numbers in README.md.
+    let first = text[..b].lines().count() + 1;
     let old: Vec<&str> = have.lines().collect();
     let new: Vec<&str> = want.lines().collect();
     let mut diff = String::new();
@@ -1194,10 +1209,10 @@ fn readme_troubleshooting_is_generated() {
             (Some(a), Some(b)) if a == b => {}
             (a, b) => {
                 if let Some(a) = a {
-                    let _ = writeln!(diff, "line {}: - {a}", i + 1);
+                    let _ = writeln!(diff, "README.md:{}: - {a}", first + i);
                 }
                 if let Some(b) = b {
-                    let _ = writeln!(diff, "line {}: + {b}", i + 1);
+                    let _ = writeln!(diff, "README.md:{}: + {b}", first + i);
                 }
             }
         }
