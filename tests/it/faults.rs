@@ -618,6 +618,17 @@ fn probe_row(
                     return Err(seen.fail(format!("passed through {st}")));
                 }
             }
+            // The verdict holds while the fault lasts (past `down_after`
+            // too): three more failed probes, the same state and kind.
+            let from = s["problem"]["attempts"].as_u64().unwrap_or(0);
+            let s = wait_for(d, name, seen, "three more probes", |s| {
+                s["problem"]["attempts"].as_u64().unwrap_or(0) >= from + 3
+                    || state(s) != want_state
+                    || kind(s) != want_kind.as_str()
+            })?;
+            if state(&s) != want_state || kind(&s) != want_kind.as_str() {
+                return Err(seen.fail(format!("the verdict changed: {}", brief(&s))));
+            }
             if want_kind == K::RateLimited {
                 let delays = &s["retry_delays_ms"];
                 let ok = delays.as_array().is_some_and(|a| {
