@@ -4,7 +4,7 @@
 //! the slow end).
 
 use crate::magento::{FailureKind, ShopError};
-use crate::shop::Platform;
+use crate::shop::{AuthMode, Platform};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -145,7 +145,7 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
             "The integration lacks the API resource named in the message (or the token is not valid for it): grant it in System > Integrations > API, re-activate, then `cobbyd shop rotate` if the tokens changed."
         }
         ForbiddenResource => {
-            "The API user's role lacks the resource named in the message: assign the role with catalog access in System > Web Services > SOAP/XML-RPC Roles."
+            "The API user's role lacks the resource of the call named in the message: allow it in System > Web Services > SOAP/XML-RPC Roles > Role Resources (cobbyd calls core_magento.info, catalog_product.list and catalog_product.info)."
         }
         BadSignature => {
             "The shop refused the OAuth signature: the consumer secret or access token secret is wrong (fix it with `cobbyd shop rotate`), or this server's clock is more than 10 minutes off (check NTP)."
@@ -159,8 +159,11 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
         RateLimited => {
             "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists."
         }
-        ServerError => {
+        ServerError if m2 => {
             "The shop failed internally (500): look at the shop's logs (var/log, var/report; the report id is in the message)."
+        }
+        ServerError => {
+            "The shop failed internally (HTTP 500, or API fault 0 or 1): look at the shop's logs (var/log/system.log, var/log/exception.log, var/report)."
         }
     }
 }
@@ -168,9 +171,14 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
 /// The hint for a shop: bearer-token shops that are refused get the bearer
 /// setting named, since that is the usual cause (off by default since 2.4.4).
 pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
-    let base = hint(kind, shop.platform);
-    if shop.platform == Platform::Magento2
-        && shop.auth == crate::shop::AuthMode::Bearer
+    hint_for_auth(kind, shop.platform, shop.auth)
+}
+
+/// [`hint_for`] without a shop record: the hint for a platform and auth mode.
+pub fn hint_for_auth(kind: FailureKind, platform: Platform, auth: AuthMode) -> String {
+    let base = hint(kind, platform);
+    if platform == Platform::Magento2
+        && auth == AuthMode::Bearer
         && matches!(
             kind,
             FailureKind::Unauthorized | FailureKind::ForbiddenResource
@@ -182,6 +190,21 @@ pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
     } else {
         base.to_string()
     }
+}
+
+/// Every (kind, platform, hint): what the README's troubleshooting section
+/// is generated from (tests/it/faults.rs), so that the docs cannot drift
+/// from what status shows.
+#[doc(hidden)]
+pub fn all_hints() -> Vec<(FailureKind, Platform, &'static str)> {
+    FailureKind::ALL
+        .iter()
+        .flat_map(|&k| {
+            [Platform::Magento1, Platform::Magento2]
+                .into_iter()
+                .map(move |p| (k, p, hint(k, p)))
+        })
+        .collect()
 }
 
 /// Delay before the next probe of a failing shop.

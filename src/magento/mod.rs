@@ -52,6 +52,40 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind, in declaration order (for documentation and tests that
+    /// enumerate kinds).
+    pub const ALL: [FailureKind; 14] = [
+        FailureKind::Dns,
+        FailureKind::Connect,
+        FailureKind::Tls,
+        FailureKind::Timeout,
+        FailureKind::HttpStatus,
+        FailureKind::NotApi,
+        FailureKind::Maintenance,
+        FailureKind::Unauthorized,
+        FailureKind::ForbiddenResource,
+        FailureKind::BadSignature,
+        FailureKind::Session,
+        FailureKind::Protocol,
+        FailureKind::RateLimited,
+        FailureKind::ServerError,
+    ];
+
+    /// Does not compile when a variant is missing here: add it to [`ALL`]
+    /// too (and its hint in `health::hint`).
+    ///
+    /// [`ALL`]: FailureKind::ALL
+    #[allow(dead_code)]
+    const fn listed_in_all(self) -> bool {
+        use FailureKind::*;
+        match self {
+            Dns | Connect | Tls | Timeout | HttpStatus | NotApi | Maintenance | Unauthorized
+            | ForbiddenResource | BadSignature | Session | Protocol | RateLimited | ServerError => {
+                true
+            }
+        }
+    }
+
     /// The snake_case name used in JSON and logs.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -5,6 +5,7 @@
 mod harness;
 
 mod daemon;
+mod faults;
 mod operate;
 mod shops;
 mod sync;
