@@ -252,10 +252,11 @@ fn run(args: &Args) -> Result<Value> {
     let first_probes = last;
     // Status is timed on its own thread so that the counter sampling keeps
     // its 100 ms rhythm.
-    let timed = std::thread::scope(|scope| -> Result<(Vec<f64>, Vec<f64>)> {
+    type Timings = (Vec<f64>, Vec<f64>, Vec<f64>);
+    let timed = std::thread::scope(|scope| -> Result<Timings> {
         let d = &d;
-        let status = scope.spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
-            let (mut cli_ms, mut raw_ms) = (Vec::new(), Vec::new());
+        let status = scope.spawn(move || -> Result<Timings> {
+            let (mut cli_ms, mut raw_ms, mut one_ms) = (Vec::new(), Vec::new(), Vec::new());
             while start.elapsed() < window {
                 let t = Instant::now();
                 let out = d.cli(&["status", "--json"], None)?;
@@ -272,9 +273,18 @@ fn run(args: &Args) -> Result<Value> {
                     bail!("GET /v1/status: {code}");
                 }
                 raw_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                let t = Instant::now();
+                let out = d.cli(&["status", "shop-0001"], None)?;
+                if !out.status.success() {
+                    bail!(
+                        "cobbyd status shop-0001 failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                one_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Ok((cli_ms, raw_ms))
+            Ok((cli_ms, raw_ms, one_ms))
         });
         while start.elapsed() < window {
             std::thread::sleep(Duration::from_millis(100));
@@ -286,7 +296,7 @@ fn run(args: &Args) -> Result<Value> {
             .join()
             .map_err(|_| anyhow::anyhow!("the status thread panicked"))?
     });
-    let (cli_ms, raw_ms) = timed?;
+    let (cli_ms, raw_ms, one_ms) = timed?;
     d.check_alive()?;
     let watched_s = start.elapsed().as_secs_f64();
     let cpu_s = proc_cpu_s(pid)? - cpu_before;
@@ -325,6 +335,11 @@ fn run(args: &Args) -> Result<Value> {
         cli_ms.len()
     ));
     say(format!(
+        "one shop      cobbyd status shop-0001 median {:.1} ms, p95 {:.1} ms",
+        median_ms(&one_ms),
+        percentile_ms(&one_ms, 0.95)
+    ));
+    say(format!(
         "memory        idle (no shops) {:.1} MiB, after setup {:.1} MiB, while watching {:.1} MiB, peak (VmHWM) {:.1} MiB",
         idle_rss_kib as f64 / 1024.0,
         after_setup_rss_kib as f64 / 1024.0,
@@ -352,6 +367,7 @@ fn run(args: &Args) -> Result<Value> {
         "per_second": full,
         "status_cli_ms": {"median": median_ms(&cli_ms), "p95": percentile_ms(&cli_ms, 0.95)},
         "status_raw_ms": {"median": median_ms(&raw_ms), "p95": percentile_ms(&raw_ms, 0.95)},
+        "status_one_shop_cli_ms": {"median": median_ms(&one_ms), "p95": percentile_ms(&one_ms, 0.95)},
         "rss_idle_mib": idle_rss_kib as f64 / 1024.0,
         "rss_after_setup_mib": after_setup_rss_kib as f64 / 1024.0,
         "rss_mib": rss_kib as f64 / 1024.0,
