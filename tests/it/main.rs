@@ -9,3 +9,5 @@ mod operate;
 mod shops;
 mod sync;
 mod sync_util;
+mod security;
+mod disk;
