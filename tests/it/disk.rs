@@ -4,7 +4,7 @@
 
 use crate::harness::*;
 use crate::security::is_root;
-use crate::sync_util::{P, assert_mirror, export};
+use crate::sync_util::{P, assert_mirror, export, sku};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -108,12 +108,13 @@ fn disk_full_is_reported_and_recovered_in_place() {
     d.add_synced_m2_shop("acme", &sim);
     let pid = d.pid();
 
-    // The disk fills up; the shop changes, and the next sync has to write.
+    // The disk fills up; the shop grows, and the next sync has to write.
     let filler = fill(&mnt.path);
     let mut problem = Value::Null;
     let t = Instant::now();
     while problem.is_null() {
-        sim.touch(1000);
+        // New products: the sync must write them.
+        sim.create(1000);
         let until = Instant::now() + Duration::from_secs(15);
         while Instant::now() < until {
             problem = d.status()["storage"].clone();
@@ -189,7 +190,11 @@ fn disk_full_is_reported_and_recovered_in_place() {
     }
     let want = sim.m2_items("default");
     let t = Instant::now();
-    while export(&d, "acme", None) != want {
+    let sorted = |mut v: Vec<Value>| {
+        v.sort_by_key(sku);
+        v
+    };
+    while sorted(export(&d, "acme", None)) != want {
         assert!(t.elapsed() < WAIT, "mirror did not converge:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(500));
     }
