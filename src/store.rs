@@ -157,6 +157,8 @@ pub fn check_writable(dir: &Path) -> Result<(), std::io::Error> {
     if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
         return Err(std::io::Error::from_raw_os_error(libc_enospc::EROFS));
     }
+    // The widths of these libc types differ between platforms.
+    #[allow(clippy::useless_conversion)]
     let avail = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
     if avail < NEED {
         return Err(std::io::Error::from_raw_os_error(libc_enospc::ENOSPC));
