@@ -174,6 +174,16 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         if shops.len() == 1 { "" } else { "s" },
         d["state_dir"].as_str().unwrap_or("?"),
     );
+    if let Some(p) = v.get("storage").filter(|p| !p.is_null()) {
+        out.push_str(&format!(
+            "\n{} {}: {} (since {})\n  hint: {}\n",
+            style.state("storage"),
+            p["kind"].as_str().unwrap_or("?"),
+            p["message"].as_str().unwrap_or(""),
+            relative(p["since"].as_str()),
+            p["hint"].as_str().unwrap_or(""),
+        ));
+    }
     if shops.is_empty() {
         out.push_str("\nNo shops yet. Add one with `cobbyd shop add NAME --platform magento2 --url URL --credentials-file FILE`.\n");
         return out;
@@ -290,8 +300,17 @@ pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
                 .collect()
         })
         .unwrap_or_default();
-    if unhealthy.is_empty() {
+    let storage = v.get("storage").filter(|p| !p.is_null());
+    if let Some(p) = storage {
+        eprintln!(
+            "cobbyd: not healthy: the state directory cannot be written ({})",
+            p["kind"].as_str().unwrap_or("?")
+        );
+    }
+    if unhealthy.is_empty() && storage.is_none() {
         0
+    } else if unhealthy.is_empty() {
+        1
     } else {
         eprintln!("cobbyd: not healthy: {}", unhealthy.join(", "));
         1

@@ -22,9 +22,9 @@ pub enum ClientError {
     #[error("cobbyd is not running: nothing listens on {0} (a stale socket file)")]
     Refused(PathBuf),
     #[error(
-        "permission denied on {0}: run as root or as a member of the socket's group (daemon.socket_group)"
+        "permission denied on the control socket {0}: {1}; run cobbyd as root or as the daemon's user, or join the socket's group (daemon.socket_group in the config{2}), then log in again"
     )]
-    Permission(PathBuf),
+    Permission(PathBuf, String, String),
     #[error("control socket {0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("the daemon did not answer within {0:?}")]
@@ -41,7 +41,7 @@ impl ClientError {
             | ClientError::Refused(_)
             | ClientError::Io(..)
             | ClientError::Timeout(_) => 3,
-            ClientError::Permission(_) | ClientError::Protocol(_) => 4,
+            ClientError::Permission(..) | ClientError::Protocol(_) => 4,
         }
     }
 }
@@ -102,9 +102,7 @@ impl Client {
                     std::io::ErrorKind::ConnectionRefused => {
                         ClientError::Refused(self.socket.clone())
                     }
-                    std::io::ErrorKind::PermissionDenied => {
-                        ClientError::Permission(self.socket.clone())
-                    }
+                    std::io::ErrorKind::PermissionDenied => permission_error(&self.socket),
                     _ => ClientError::Io(self.socket.clone(), e),
                 });
             }
@@ -193,5 +191,36 @@ impl Client {
             .await
             .map_err(|e| ClientError::Io(PathBuf::from("stdout"), e))?;
         Ok(Ok(()))
+    }
+}
+
+/// Says who may use the socket: its owner, group and mode as this user sees
+/// them (or that its directory is closed to this user).
+fn permission_error(socket: &Path) -> ClientError {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(socket) {
+        Ok(m) => {
+            let user = nix::unistd::User::from_uid(m.uid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| m.uid().to_string(), |u| u.name);
+            let group = nix::unistd::Group::from_gid(m.gid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| m.gid().to_string(), |g| g.name);
+            ClientError::Permission(
+                socket.to_path_buf(),
+                format!(
+                    "only its owner {user} and members of group {group} may connect (mode {:o})",
+                    m.mode() & 0o777
+                ),
+                format!(": `sudo usermod -aG {group} $USER`"),
+            )
+        }
+        Err(_) => ClientError::Permission(
+            socket.to_path_buf(),
+            "this user cannot reach the socket's directory".into(),
+            String::new(),
+        ),
     }
 }

@@ -19,6 +19,20 @@ use tokio::sync::watch;
 
 /// Exit status for a configuration error (sysexits.h EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
+/// Exit status when the state directory cannot be written at start, or the
+/// in-place restart failed (sysexits.h EX_TEMPFAIL): systemd's
+/// `Restart=on-failure` tries again.
+pub const EX_TEMPFAIL: u8 = 75;
+/// How often a daemon whose disk failed looks whether it takes writes again.
+const STORAGE_RECHECK: Duration = Duration::from_secs(2);
+
+/// How `async_main` ended.
+enum Exit {
+    Code(u8),
+    /// The state directory takes writes again after a failure: replace the
+    /// process image (same pid) so that sled starts afresh.
+    Reexec,
+}
 
 /// Where the daemon is in its life; `/health` answers 200 only in `Running`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +122,9 @@ impl Daemon {
             line.push_str("; syncing ");
             line.push_str(&running.join(", "));
         }
+        if let Some(p) = self.store.problem() {
+            line.push_str(&format!("; state directory unwritable ({})", p.kind));
+        }
         if self.stopping() {
             line.push_str("; stopping");
         }
@@ -177,25 +194,89 @@ pub fn run(config_arg: Option<PathBuf>) -> u8 {
             return 1;
         }
     };
-    let code = runtime.block_on(async_main(config_arg, loaded, log));
+    let exit = runtime.block_on(async_main(config_arg, loaded, log));
     // Blocking threads (a stuck DNS lookup, say) must not hold up exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    code
+    match exit {
+        Exit::Code(code) => code,
+        Exit::Reexec => reexec(),
+    }
 }
 
-async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: LogHandle) -> u8 {
+/// Starts this program again in the same process (same pid, so systemd
+/// and the harness keep their handle; the new image sends `READY=1`).
+/// Every descriptor is close-on-exec, so the locks go with the old image.
+/// Falls back to exit 75 for the supervisor to restart it.
+fn reexec() -> u8 {
+    use std::os::unix::process::CommandExt;
+    match std::env::current_exe() {
+        Ok(exe) => {
+            let err = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .exec();
+            eprintln!(
+                "cobbyd: cannot restart in place ({}: {err}); exiting {EX_TEMPFAIL} for the supervisor to restart it",
+                exe.display()
+            );
+        }
+        Err(e) => eprintln!(
+            "cobbyd: cannot restart in place ({e}); exiting {EX_TEMPFAIL} for the supervisor to restart it"
+        ),
+    }
+    EX_TEMPFAIL
+}
+
+/// The exit for a store error at start: 75 with the fix when the disk is
+/// the trouble (full, read-only), 1 otherwise.
+fn store_failure(what: &str, e: &crate::store::StoreError, dir: &std::path::Path) -> Exit {
+    match e.storage_problem(dir) {
+        Some(p) => {
+            eprintln!("cobbyd: {what}: {}\nhint: {}", p.message, p.hint);
+            Exit::Code(EX_TEMPFAIL)
+        }
+        None => {
+            eprintln!("cobbyd: {what}: {e}");
+            Exit::Code(1)
+        }
+    }
+}
+
+/// Resolves once the store recorded a disk problem and the state directory
+/// takes writes again.
+async fn storage_recovered(store: Store) {
+    let mut rx = store.subscribe_problem();
+    if rx.wait_for(Option::is_some).await.is_err() {
+        return std::future::pending().await;
+    }
+    let dir = store.dir().to_path_buf();
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(STORAGE_RECHECK).await;
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || crate::store::check_writable(&d)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                if e != last {
+                    tracing::info!(state_dir = %dir.display(), "state directory still unwritable: {e}");
+                    last = e;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: LogHandle) -> Exit {
     let cfg = Arc::new(loaded.config);
     let state_dir = cfg.daemon.state_dir.clone();
     let cache_mb = cfg.daemon.cache_mb;
     let store = match tokio::task::spawn_blocking(move || Store::open(&state_dir, cache_mb)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            eprintln!("cobbyd: {e}");
-            return 1;
-        }
+        Ok(Err(e)) => return store_failure("cannot open the state", &e, &cfg.daemon.state_dir),
         Err(e) => {
             eprintln!("cobbyd: opening the state panicked: {e}");
-            return 1;
+            return Exit::Code(1);
         }
     };
     let flusher = store.spawn_flusher();
@@ -225,27 +306,26 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
     })();
     let daemon = match built {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("cobbyd: cannot load the state: {e}");
-            return 1;
-        }
+        Err(e) => return store_failure("cannot load the state", &e, &cfg.daemon.state_dir),
     };
     for name in daemon.registry.names() {
         if let Err(e) = daemon.ensure_jobs(&name) {
-            eprintln!("cobbyd: cannot schedule jobs of {name}: {e}");
-            return 1;
+            return store_failure(
+                &format!("cannot schedule jobs of {name}"),
+                &e,
+                &cfg.daemon.state_dir,
+            );
         }
     }
     if let Err(e) = daemon.store.flush().await {
-        eprintln!("cobbyd: {e}");
-        return 1;
+        return store_failure("cannot write the state", &e, &cfg.daemon.state_dir);
     }
 
     let listener = match server::bind(&cfg.daemon.socket, &cfg.daemon.socket_group) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cobbyd: {e}");
-            return 1;
+            return Exit::Code(1);
         }
     };
     let metrics_listener = match cfg.metrics.listen {
@@ -254,7 +334,7 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
             Err(e) => {
                 eprintln!("cobbyd: metrics.listen {addr}: {e}");
                 let _ = std::fs::remove_file(&cfg.daemon.socket);
-                return 1;
+                return Exit::Code(1);
             }
         },
         None => None,
@@ -294,18 +374,45 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         Ok(s) => s,
         Err(e) => {
             eprintln!("cobbyd: cannot install signal handlers: {e}");
-            return 1;
+            return Exit::Code(1);
         }
     };
-    loop {
-        match signals.recv().await {
-            Some(signal_hook::consts::SIGHUP) => reload(&daemon, &log),
-            Some(sig) => {
-                tracing::info!(signal = sig, "stopping: draining running work");
-                break;
+    let recovered = storage_recovered(daemon.store.clone());
+    tokio::pin!(recovered);
+    let restart = loop {
+        tokio::select! {
+            sig = signals.recv() => match sig {
+                Some(signal_hook::consts::SIGHUP) => reload(&daemon, &log),
+                Some(sig) => {
+                    tracing::info!(signal = sig, "stopping: draining running work");
+                    break false;
+                }
+                None => break false,
+            },
+            () = &mut recovered => {
+                tracing::warn!(
+                    state_dir = %cfg.daemon.state_dir.display(),
+                    "the state directory takes writes again: restarting in place (same pid) to reopen the database"
+                );
+                break true;
             }
-            None => break,
         }
+    };
+
+    if restart {
+        // sled latched the write error: only a fresh open clears it. Stop
+        // the work (it cannot write anyway) and start again in place; what
+        // was flushed before the failure is all there, as after a crash.
+        daemon.set_phase(Phase::Stopping);
+        notify::reloading();
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+        server_task.abort();
+        let _ = server_task.await;
+        let _ = std::fs::remove_file(&cfg.daemon.socket);
+        drop(daemon);
+        flusher.abort();
+        return Exit::Reexec;
     }
 
     // Drain: /health turns 503, the scheduler takes no new jobs, running
@@ -345,15 +452,15 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
     match flushed {
         Ok(Ok(())) => {
             tracing::info!("stopped");
-            0
+            Exit::Code(0)
         }
         Ok(Err(e)) => {
             tracing::error!("final flush failed: {e}");
-            1
+            Exit::Code(1)
         }
         Err(e) => {
             tracing::error!("final flush panicked: {e}");
-            1
+            Exit::Code(1)
         }
     }
 }

@@ -107,7 +107,14 @@ impl IntoResponse for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            crate::store::StoreError::Unwritable(p) => {
+                let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "storage", p.message);
+                err.details = Some(json!({"kind": p.kind, "hint": p.hint}));
+                err
+            }
+            e => ApiError::internal(e),
+        }
     }
 }
 
@@ -180,9 +187,19 @@ fn refuse_while_stopping(d: &Daemon) -> Result<(), ApiError> {
     }
 }
 
+/// 200 `{"status":"ok"}` while serving; 503 while starting or draining,
+/// and 503 `{"status":"degraded","storage":{..}}` while the state directory
+/// cannot be written (status still answers; no job runs).
 async fn health(State(d): D) -> Response {
     match d.phase() {
-        Phase::Running => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+        Phase::Running => match d.store.problem() {
+            None => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+            Some(p) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "degraded", "storage": p})),
+            )
+                .into_response(),
+        },
         p => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": p.as_str()})),
@@ -269,7 +286,7 @@ async fn status(State(d): D, Query(q): Query<StatusQuery>) -> ApiResult {
         }
         None => d.registry.list().iter().map(|r| shop_json(&d, r)).collect(),
     };
-    let mut v = json!({ "daemon": daemon_json(&d) });
+    let mut v = json!({ "daemon": daemon_json(&d), "storage": d.store.problem() });
     v["shops"] = Value::Array(shops);
     ok_json(StatusCode::OK, v)
 }

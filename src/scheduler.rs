@@ -29,11 +29,17 @@ pub async fn run(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
         loop {
             // Reap finished jobs so the set stays small.
             while running.try_join_next().is_some() {}
+            // The state directory cannot be written: no job could record
+            // anything; wait for the daemon to reopen the store.
+            if daemon.store.problem().is_some() {
+                break;
+            }
             let job = match daemon.queue.lease_due(now_ms()) {
                 Ok(Some(job)) => job,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!("queue: {e}");
+                    daemon.store.note(&e);
                     break;
                 }
             };
@@ -62,12 +68,16 @@ pub async fn run(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        let wait = daemon
-            .queue
-            .next_due_ms()
-            .map(|due| Duration::from_millis(due.saturating_sub(now_ms())))
-            .unwrap_or(MAX_IDLE)
-            .min(MAX_IDLE);
+        let wait = if daemon.store.problem().is_some() {
+            MAX_IDLE
+        } else {
+            daemon
+                .queue
+                .next_due_ms()
+                .map(|due| Duration::from_millis(due.saturating_sub(now_ms())))
+                .unwrap_or(MAX_IDLE)
+                .min(MAX_IDLE)
+        };
         tokio::select! {
             _ = daemon.queue.wait(wait) => {}
             _ = stop.changed() => {}

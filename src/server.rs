@@ -1,20 +1,37 @@
 //! The control socket: HTTP/1.1 over a Unix socket (so `curl
 //! --unix-socket` works and the CLI is a thin client). This module owns the
-//! socket file (stale-socket detection, mode 0660, group) and the
-//! connection limits; the routes live in [`crate::routes`].
+//! socket file (stale-socket detection, mode 0660, group, the safety of its
+//! directory) and the connection limits; the routes live in
+//! [`crate::routes`].
+//!
+//! Connection policy: every connection is accepted at once (nobody waits in
+//! the kernel's backlog behind idle clients). At most `max_connections` are
+//! open; when a new one arrives at the cap, the oldest connection that is
+//! not in the middle of a request (connected but silent, dripping its
+//! headers, or idle between keep-alive requests) is closed to make room;
+//! when every connection is busy with a request, the new one is closed.
+//! A request's headers must arrive within [`HEADER_TIMEOUT`] in total, so
+//! a silent or slow client is cut off even when there is room.
 
 use crate::daemon::Daemon;
+use bytes::Bytes;
+use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+use tower::ServiceExt;
 
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send a request's headers within this time (in total, not
+/// per byte; also between keep-alive requests).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +42,14 @@ pub enum BindError {
         "control socket {0}: the path exists and is not a socket; remove it or set daemon.socket"
     )]
     NotASocket(PathBuf),
+    #[error(
+        "control socket {socket}: its directory {dir} is writable by everyone (mode {mode:o}, no sticky bit), so any user could replace the socket; put it in a directory only cobbyd can write, such as /run/cobbyd (the unit's RuntimeDirectory=): daemon.socket = \"/run/cobbyd/cobbyd.sock\""
+    )]
+    WorldWritableDir {
+        socket: PathBuf,
+        dir: PathBuf,
+        mode: u32,
+    },
     #[error("control socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -34,12 +59,19 @@ pub enum BindError {
 }
 
 /// Binds the control socket. A stale socket file (nobody listening) is
-/// replaced; anything else at the path stops start-up.
+/// replaced; anything else at the path stops start-up, and so does a
+/// directory that everyone may write without the sticky bit.
 pub fn bind(path: &Path, group: &str) -> Result<UnixListener, BindError> {
     let io = |source| BindError::Io {
         path: path.to_path_buf(),
         source,
     };
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(io)?;
+        check_dir(path, parent)?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -54,11 +86,6 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, BindError> {
         Ok(_) => return Err(BindError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
-    }
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent).map_err(io)?;
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
@@ -77,6 +104,106 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
+/// The socket's directory: writable by everyone without the sticky bit is
+/// refused (anyone could delete or replace the socket); with the sticky bit
+/// (like /tmp) it is tolerated with a warning.
+fn check_dir(socket: &Path, dir: &Path) -> Result<(), BindError> {
+    let meta = std::fs::metadata(dir).map_err(|source| BindError::Io {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o002 == 0 {
+        return Ok(());
+    }
+    if mode & 0o1000 == 0 {
+        return Err(BindError::WorldWritableDir {
+            socket: socket.to_path_buf(),
+            dir: dir.to_path_buf(),
+            mode,
+        });
+    }
+    tracing::warn!(
+        dir = %dir.display(),
+        "the control socket's directory is writable by everyone (sticky, like /tmp): other users cannot replace the socket but may squat its name before cobbyd starts; prefer /run/cobbyd (the unit's RuntimeDirectory=)"
+    );
+    Ok(())
+}
+
+/// One open control connection, as the cap sees it.
+struct Conn {
+    /// Requests in progress (from the headers to the end of the answer's
+    /// body). A connection with none may be evicted.
+    busy: Arc<AtomicUsize>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// The open connections, oldest first (ids only grow).
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    open: BTreeMap<u64, Conn>,
+}
+
+/// Removes a connection from the table when its task ends (or is aborted).
+struct ConnGuard {
+    id: u64,
+    table: Arc<Mutex<Conns>>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.table).open.remove(&self.id);
+    }
+}
+
+fn lock(t: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts a request as in progress until its answer's body is done.
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl BusyGuard {
+    fn new(busy: &Arc<AtomicUsize>) -> BusyGuard {
+        busy.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(busy.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An answer's body that keeps its connection marked busy while it streams
+/// (a long products export is not "idle").
+struct GuardedBody {
+    inner: axum::body::Body,
+    _busy: BusyGuard,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serves the control API until `stop`... and a little beyond: status stays
 /// readable while the daemon drains; the caller aborts this task last.
 pub async fn serve(
@@ -86,42 +213,123 @@ pub async fn serve(
     _stop: watch::Receiver<bool>,
 ) {
     let router = crate::routes::router(daemon);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    accept_loop(listener, router, max_connections).await;
+}
+
+/// Accepts connections for ever under the policy described at the top.
+async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_connections: usize) {
+    let table = Arc::new(Mutex::new(Conns::default()));
+    let max = max_connections.max(1);
     loop {
-        // Wait for a free slot before accepting: excess clients queue in
-        // the kernel's backlog instead of costing memory here.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let stream = match listener.accept_one().await {
+            Ok(s) => s,
             Err(e) => {
+                // Out of file descriptors, say: do not spin.
                 tracing::warn!(error = %e, "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        tokio::spawn(serve_connection(stream, router.clone(), permit));
+        let (id, busy) = {
+            let mut t = lock(&table);
+            if t.open.len() >= max {
+                let victim = t
+                    .open
+                    .iter()
+                    .find(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
+                    .map(|(id, _)| *id);
+                match victim.and_then(|v| t.open.remove(&v)) {
+                    Some(c) => {
+                        tracing::debug!(
+                            "control connections at the cap: closing the oldest idle one"
+                        );
+                        // Its guard finds it gone; the task drops the
+                        // connection when the runtime next polls it.
+                        c.abort.abort();
+                    }
+                    None => {
+                        tracing::warn!(
+                            max,
+                            "control connections at the cap, all busy: refusing a new one (daemon.max_connections)"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+            t.next_id += 1;
+            (t.next_id, Arc::new(AtomicUsize::new(0)))
+        };
+        // Registered under the lock after the spawn, so the guard's removal
+        // cannot run before the insertion.
+        let mut t = lock(&table);
+        let guard = ConnGuard {
+            id,
+            table: table.clone(),
+        };
+        let task = tokio::spawn(serve_connection(
+            stream,
+            router.clone(),
+            busy.clone(),
+            guard,
+        ));
+        t.open.insert(
+            id,
+            Conn {
+                busy,
+                abort: task.abort_handle(),
+            },
+        );
     }
 }
 
-/// Serves one connection (HTTP/1.1, header timeout); the permit is its
-/// slot in the connection cap.
+/// Something that hands out connections (the Unix socket, or TCP for
+/// `/metrics`).
+trait Listener {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&mut self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&mut self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&mut self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Serves one connection (HTTP/1.1, header timeout); `busy` counts its
+/// requests in progress; the guard takes it off the table at the end.
 async fn serve_connection<S>(
     stream: S,
     router: axum::Router,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    busy: Arc<AtomicUsize>,
+    guard: ConnGuard,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let busy = BusyGuard::new(&busy);
+        let router = router.clone();
+        async move {
+            let resp = router.oneshot(req.map(axum::body::Body::new)).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody { inner, _busy: busy }))
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+        .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "control connection ended with an error");
     }
-    drop(permit);
+    drop(guard);
 }
 
 /// The optional Prometheus TCP listener (`metrics.listen`): `/metrics` only.
@@ -131,15 +339,5 @@ pub async fn serve_metrics_tcp(
     _stop: watch::Receiver<bool>,
 ) {
     let router = crate::routes::metrics_router(daemon);
-    let slots = Arc::new(Semaphore::new(16));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        tokio::spawn(serve_connection(stream, router.clone(), permit));
-    }
+    accept_loop(listener, router, 16).await;
 }

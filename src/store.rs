@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The layout this build writes. Bump with a migration in [`Store::open`].
 /// 2: mirrors split into a SKU index and a data tree
@@ -54,6 +54,127 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store's flusher has stopped (the daemon is shutting down)")]
     FlusherGone,
+    #[error("{} ({})", .0.message, .0.hint)]
+    Unwritable(StorageProblem),
+}
+
+impl StoreError {
+    /// The storage trouble behind this error (disk full, read-only, I/O),
+    /// if that is what it is.
+    pub fn storage_problem(&self, dir: &Path) -> Option<StorageProblem> {
+        match self {
+            StoreError::Io { source, .. } => StorageProblem::from_io(dir, source),
+            StoreError::Sled(e) => StorageProblem::from_sled(dir, e),
+            StoreError::Unwritable(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The state directory cannot be written: `storage` in status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StorageProblem {
+    /// `disk_full`, `read_only` or `io`.
+    pub kind: &'static str,
+    pub message: String,
+    pub hint: String,
+    /// When it was first seen (RFC 3339).
+    pub since: String,
+    pub state_dir: String,
+}
+
+impl StorageProblem {
+    /// Classifies an I/O error of the state directory; `None` when it is
+    /// not about the disk (a lock held elsewhere, say).
+    pub fn from_io(dir: &Path, e: &std::io::Error) -> Option<StorageProblem> {
+        use std::io::ErrorKind as K;
+        let text = e.to_string();
+        let kind = match (e.kind(), e.raw_os_error()) {
+            (K::StorageFull | K::QuotaExceeded, _)
+            | (_, Some(libc_enospc::ENOSPC | libc_enospc::EDQUOT)) => "disk_full",
+            (K::ReadOnlyFilesystem, _) | (_, Some(libc_enospc::EROFS)) => "read_only",
+            _ if text.contains("No space left") || text.contains("Disk quota") => "disk_full",
+            _ if text.contains("Read-only file system") => "read_only",
+            (K::PermissionDenied | K::WouldBlock | K::AlreadyExists | K::NotFound, _) => {
+                return None;
+            }
+            _ if text.contains("could not acquire lock") => return None,
+            _ => "io",
+        };
+        let d = dir.display();
+        let (message, hint) = match kind {
+            "disk_full" => (
+                format!(
+                    "cannot write to the state directory {d}: no space left on its file system"
+                ),
+                format!(
+                    "free space on the file system holding {d} (or grow it); cobbyd notices within seconds, reopens its database and resumes syncing"
+                ),
+            ),
+            "read_only" => (
+                format!("cannot write to the state directory {d}: its file system is read-only"),
+                format!(
+                    "remount the file system holding {d} read-write (`mount -o remount,rw MOUNTPOINT`; check `journalctl -k` for the disk errors that made the kernel remount it); cobbyd resumes by itself"
+                ),
+            ),
+            _ => (
+                format!("cannot write to the state directory {d}: {text}"),
+                format!(
+                    "check the disk holding {d} and the kernel log (`journalctl -k`); cobbyd resumes once it can write again"
+                ),
+            ),
+        };
+        Some(StorageProblem {
+            kind,
+            message,
+            hint,
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            state_dir: dir.display().to_string(),
+        })
+    }
+
+    /// Classifies a sled error (sled reports I/O failures as `Io`).
+    pub fn from_sled(dir: &Path, e: &sled::Error) -> Option<StorageProblem> {
+        match e {
+            sled::Error::Io(io) => StorageProblem::from_io(dir, io),
+            _ => None,
+        }
+    }
+}
+
+/// errno values (Linux) for errors sled re-wraps without their code.
+mod libc_enospc {
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const EDQUOT: i32 = 122;
+}
+
+/// Whether `dir` takes writes again: enough free space for sled to roll a
+/// segment, and a test file written and synced. Blocking.
+pub fn check_writable(dir: &Path) -> Result<(), std::io::Error> {
+    const NEED: u64 = 4 * 1024 * 1024;
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(std::io::Error::from_raw_os_error(libc_enospc::EROFS));
+    }
+    // The widths of these libc types differ between platforms.
+    #[allow(clippy::useless_conversion)]
+    let avail = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    if avail < NEED {
+        return Err(std::io::Error::from_raw_os_error(libc_enospc::ENOSPC));
+    }
+    let probe = dir.join(".cobbyd-write-check");
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)?;
+        f.write_all(&vec![0u8; 1024 * 1024])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    result
 }
 
 /// The database and its named trees. Cheap to clone.
@@ -73,6 +194,9 @@ struct Inner {
     meta: sled::Tree,
     flush_tx: mpsc::Sender<FlushRequest>,
     flush_rx: std::sync::Mutex<Option<mpsc::Receiver<FlushRequest>>>,
+    /// Set at the first write failure of the disk; sled latches such an
+    /// error, so the database stays unwritable until it is reopened.
+    problem: Arc<watch::Sender<Option<StorageProblem>>>,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -159,6 +283,7 @@ impl Store {
                 db,
                 flush_tx,
                 flush_rx: std::sync::Mutex::new(Some(flush_rx)),
+                problem: Arc::new(watch::channel(None).0),
                 _lock: lock,
             }),
         };
@@ -296,9 +421,32 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt("meta.run_seq is not 8 bytes".into()))
     }
 
+    /// The disk trouble that stopped writes, if any.
+    pub fn problem(&self) -> Option<StorageProblem> {
+        self.inner.problem.borrow().clone()
+    }
+
+    /// Wakes when a disk problem is recorded.
+    pub fn subscribe_problem(&self) -> watch::Receiver<Option<StorageProblem>> {
+        self.inner.problem.subscribe()
+    }
+
+    /// Records `e` as the store's disk problem if it is one (the first one
+    /// stays). Returns whether a problem is now recorded.
+    pub fn note(&self, e: &StoreError) -> bool {
+        if let Some(p) = e.storage_problem(&self.inner.dir) {
+            record_problem(&self.inner.problem, p);
+        }
+        self.inner.problem.borrow().is_some()
+    }
+
     /// Makes every write so far durable. Concurrent callers share one
-    /// `fsync`. Needs [`Store::spawn_flusher`] to have run.
+    /// `fsync`. Needs [`Store::spawn_flusher`] to have run. Once the disk
+    /// failed, fails at once with [`StoreError::Unwritable`].
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if let Some(p) = self.problem() {
+            return Err(StoreError::Unwritable(p));
+        }
         let (tx, rx) = oneshot::channel();
         self.inner
             .flush_tx
@@ -307,7 +455,10 @@ impl Store {
             .map_err(|_| StoreError::FlusherGone)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Corrupt(format!("flush failed: {e}"))),
+            Ok(Err(e)) => Err(match self.problem() {
+                Some(p) => StoreError::Unwritable(p),
+                None => StoreError::Corrupt(format!("flush failed: {e}")),
+            }),
             Err(_) => Err(StoreError::FlusherGone),
         }
     }
@@ -321,6 +472,8 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let db = self.inner.db.clone();
+        let problem = self.inner.problem.clone();
+        let dir = self.inner.dir.clone();
         tokio::spawn(async move {
             let Some(mut rx) = rx else {
                 tracing::error!("store flusher started twice; the second is a no-op");
@@ -333,10 +486,16 @@ impl Store {
                     waiting.push(more);
                 }
                 let db = db.clone();
-                let result = tokio::task::spawn_blocking(move || db.flush())
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+                let result = match tokio::task::spawn_blocking(move || db.flush()).await {
+                    Err(e) => Err(e.to_string()),
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => {
+                        if let Some(p) = StorageProblem::from_sled(&dir, &e) {
+                            record_problem(&problem, p);
+                        }
+                        Err(e.to_string())
+                    }
+                };
                 for w in waiting.drain(..) {
                     let _ = w.send(result.clone());
                 }
@@ -349,6 +508,24 @@ impl Store {
         self.inner.db.flush()?;
         Ok(())
     }
+}
+
+/// Records the first disk problem and logs it once.
+fn record_problem(slot: &watch::Sender<Option<StorageProblem>>, p: StorageProblem) {
+    slot.send_if_modified(|cur| {
+        if cur.is_some() {
+            return false;
+        }
+        tracing::error!(
+            kind = p.kind,
+            state_dir = %p.state_dir,
+            "{}; writes stop until it is fixed: {}",
+            p.message,
+            p.hint
+        );
+        *cur = Some(p);
+        true
+    });
 }
 
 /// `products:{shop}:{store}` (the SKU index); names and codes cannot

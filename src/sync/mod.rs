@@ -564,6 +564,14 @@ async fn run(
         Ok::<(), SyncError>(())
     }
     .await;
+    // A write that failed because of the disk: say so (and stop the
+    // daemon's other writers) rather than report a bare database error.
+    let result = match result {
+        Err(SyncError::Store(e)) if d.store.note(&e) => Err(SyncError::Store(
+            d.store.problem().map_or(e, StoreError::Unwritable),
+        )),
+        r => r,
+    };
 
     let p = shop
         .progress
@@ -581,6 +589,9 @@ async fn run(
     let error = match &result {
         Err(SyncError::Shop(e)) => Some(json!({
             "kind": e.kind, "message": e.message, "hint": crate::health::hint_for(e.kind, rec),
+        })),
+        Err(SyncError::Store(StoreError::Unwritable(p))) => Some(json!({
+            "kind": "storage", "message": p.message, "hint": p.hint,
         })),
         Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
         _ => None,
@@ -605,8 +616,16 @@ async fn run(
         last_item_error: ctx.last_item_error.clone(),
         error: error.clone(),
     };
-    if outcome != "cancelled" {
-        save_run(&d.store, &record, cfg.sync.keep_runs)?;
+    if outcome != "cancelled"
+        && let Err(e) = save_run(&d.store, &record, cfg.sync.keep_runs)
+    {
+        // Still log the run below; a disk problem is in status already.
+        d.store.note(&e);
+        tracing::error!(shop = %rec.name, run = run_id, "cannot record the sync run: {e}");
+        if result.is_ok() {
+            return Err(SyncError::Store(e));
+        }
+    } else if outcome != "cancelled" {
         d.syncs.set_last_run(&record);
     }
     d.metrics

@@ -10,3 +10,5 @@ mod operate;
 mod shops;
 mod sync;
 mod sync_util;
+mod security;
+mod disk;
