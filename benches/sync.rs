@@ -475,6 +475,7 @@ fn run(args: &Args) -> Result<Value> {
             &url,
             "--store-code",
             STORE,
+            "--allow-insecure-http",
             "--credentials-file",
             "-",
         ],

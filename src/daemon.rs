@@ -219,6 +219,16 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
             return 1;
         }
     };
+    for rec in daemon.registry.list() {
+        if rec.grandfathered_http() {
+            tracing::warn!(
+                shop = %rec.name,
+                "uses plain http (registered before --allow-insecure-http was required; still used): credentials cross the network unencrypted: register the shop's https:// URL when it has one"
+            );
+        } else if rec.insecure_http() {
+            tracing::warn!(shop = %rec.name, "{}", crate::shop::INSECURE_HTTP_NOTE);
+        }
+    }
     for name in daemon.registry.names() {
         if let Err(e) = daemon.ensure_jobs(&name) {
             eprintln!("cobbyd: cannot schedule jobs of {name}: {e}");

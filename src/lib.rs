@@ -26,3 +26,4 @@ pub mod shop;
 pub mod sim;
 pub mod store;
 pub mod sync;
+pub mod tls;

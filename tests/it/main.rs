@@ -9,3 +9,4 @@ mod operate;
 mod shops;
 mod sync;
 mod sync_util;
+mod tls;
