@@ -213,6 +213,18 @@ fn a_private_ca_bundle_is_trusted_for_its_shop() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(exported.len(), 30);
+    // The file is read whenever the client is built: gone after a reload,
+    // the shop has a tls problem that names the file.
+    std::fs::remove_file(&ca).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let s = d.wait_shop("private-ca", "CA file problem", |s| {
+        s["problem"]["kind"] == "tls"
+    });
+    let msg = s["problem"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("cannot read the CA file") && msg.contains("bundle.pem"),
+        "{msg}"
+    );
     // Without the CA file the same shop is refused.
     let out = d.add_shop(
         "no-ca",
