@@ -250,6 +250,7 @@ fn run(args: &Args) -> Result<Value> {
             &url,
             "--store-code",
             STORE,
+            "--allow-insecure-http",
             "--credentials-file",
             "-",
         ],

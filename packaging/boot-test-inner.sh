@@ -58,7 +58,7 @@ cobbyd simulate --products 300 --port 18080 --control-port 18081 --credentials-d
 sim_pid=$!
 for _ in $(seq 1 50); do [[ -s /root/sim/m2-oauth.toml ]] && break; sleep 0.2; done
 check "cobbyd shop add (through the unit's socket) succeeds" \
-    cobbyd shop add acme --platform magento2 --url http://127.0.0.1:18080 --credentials-file /root/sim/m2-oauth.toml
+    cobbyd shop add acme --platform magento2 --url http://127.0.0.1:18080 --allow-insecure-http --credentials-file /root/sim/m2-oauth.toml
 check "cobbyd sync acme --wait succeeds" timeout 120 cobbyd sync acme --wait
 check "cobbyd status exits 0 with a healthy, synced shop" cobbyd status
 check "journalctl SHOP=acme finds the shop's lines" \

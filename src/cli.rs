@@ -118,7 +118,8 @@ pub struct ShopAddArgs {
     pub name: String,
     #[arg(long, value_enum)]
     pub platform: Platform,
-    /// The shop's base URL, e.g. https://shop.example.com
+    /// The shop's base URL, e.g. https://shop.example.com (plain http://
+    /// needs --allow-insecure-http).
     #[arg(long)]
     pub url: String,
     /// Store view to mirror (repeatable; default: "default").
@@ -135,6 +136,17 @@ pub struct ShopAddArgs {
     /// Save even if the connection test fails.
     #[arg(long)]
     pub no_verify: bool,
+    /// Accept a plain http:// URL, for a shop that really has no TLS (e.g. a
+    /// local test shop): the credentials then cross the network
+    /// unencrypted. Status flags such shops.
+    #[arg(long)]
+    pub allow_insecure_http: bool,
+    /// PEM file of extra CA certificates to trust for this shop (a private
+    /// CA, or the shop's self-signed certificate), on top of the built-in
+    /// roots. The daemon stores the path and reads the file itself (it must
+    /// be readable by the daemon's user); verification is never switched off.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

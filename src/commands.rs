@@ -238,6 +238,13 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         let mut cells: Vec<String> = r.to_vec();
         cells[2] = style.state(&r[2]);
         out.push_str(&line(cells, r));
+        if s["insecure_http"] == true {
+            out.push_str(&format!(
+                "  ↳ {}: {}\n",
+                r[0],
+                crate::shop::INSECURE_HTTP_NOTE
+            ));
+        }
         if let Some(p) = s.get("problem").filter(|p| !p.is_null()) {
             out.push_str(&format!(
                 "  ↳ {}: {} ({} attempt{}, since {})\n    hint: {}\n",
@@ -408,11 +415,16 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 }
                 for s in shops {
                     println!(
-                        "{:<20} {:<9} {:<7} {}  stores: {}",
+                        "{:<20} {:<9} {:<7} {}{}  stores: {}",
                         s["name"].as_str().unwrap_or("?"),
                         s["platform"].as_str().unwrap_or("?"),
                         s["auth"].as_str().unwrap_or("?"),
                         s["url"].as_str().unwrap_or("?"),
+                        if s["insecure_http"] == true {
+                            " (plain http)"
+                        } else {
+                            ""
+                        },
                         s["store_codes"]
                             .as_array()
                             .map(|c| c
@@ -582,10 +594,33 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
         eprintln!("cobbyd: {e}");
         return 1;
     }
-    if let Err(e) = crate::shop::validate_url(&a.url) {
+    let url = match crate::shop::validate_url(&a.url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("cobbyd: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) =
+        crate::shop::check_transport(&url, a.allow_insecure_http, a.tls_ca_file.as_deref())
+    {
         eprintln!("cobbyd: {e}");
         return 1;
     }
+    // The daemon reads the file from its own working directory: send an
+    // absolute path.
+    let tls_ca_file = match a
+        .tls_ca_file
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cobbyd: tls_ca_file: {e}");
+            return 1;
+        }
+    };
     let creds = match credentials_json(&a.credentials_file, a.platform, a.auth) {
         Ok(c) => c,
         Err(e) => {
@@ -596,6 +631,7 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
     let body = json!({
         "name": a.name, "platform": a.platform, "url": a.url, "store_codes": a.store_codes,
         "auth": a.auth, "credentials": creds, "no_verify": a.no_verify,
+        "allow_insecure_http": a.allow_insecure_http, "tls_ca_file": tls_ca_file,
     });
     match client.request(Method::POST, "/v1/shops", Some(&body)).await {
         Ok(ans) if ans.status.is_success() => {
@@ -611,6 +647,9 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
                     "; first sync starts now"
                 }
             );
+            if v["insecure_http"] == true {
+                eprintln!("warning: {}: {}", a.name, crate::shop::INSECURE_HTTP_NOTE);
+            }
             0
         }
         Ok(ans) => refused(&ans),

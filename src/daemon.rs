@@ -308,6 +308,16 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         Ok(d) => d,
         Err(e) => return store_failure("cannot load the state", &e, &cfg.daemon.state_dir),
     };
+    for rec in daemon.registry.list() {
+        if rec.grandfathered_http() {
+            tracing::warn!(
+                shop = %rec.name,
+                "uses plain http (registered before --allow-insecure-http was required; still used): credentials cross the network unencrypted: register the shop's https:// URL when it has one"
+            );
+        } else if rec.insecure_http() {
+            tracing::warn!(shop = %rec.name, "{}", crate::shop::INSECURE_HTTP_NOTE);
+        }
+    }
     for name in daemon.registry.names() {
         if let Err(e) = daemon.ensure_jobs(&name) {
             return store_failure(

@@ -185,7 +185,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     }
     println!();
     println!(
-        "$ cobbyd shop add demo --platform {platform} --url {} --credentials-file {}",
+        "$ cobbyd shop add demo --platform {platform} --url {} --allow-insecure-http --credentials-file {}",
         sim.url(),
         creds_path.display()
     );
@@ -196,8 +196,8 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
             return 1;
         }
     };
-    let body =
-        json!({"name": "demo", "platform": platform, "url": sim.url(), "credentials": table});
+    let body = json!({"name": "demo", "platform": platform, "url": sim.url(), "credentials": table,
+               "allow_insecure_http": true});
     match client.request(Method::POST, "/v1/shops", Some(&body)).await {
         Ok(a) if a.status.is_success() => {
             let v = a.json().unwrap_or_default();

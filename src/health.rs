@@ -93,7 +93,8 @@ pub fn state_for(err: &ShopError, failing_for: Duration, down_after: Duration) -
     match err.kind {
         k if k.is_auth() => ShopState::AuthFailed,
         FailureKind::NotApi => ShopState::Misconfigured,
-        FailureKind::HttpStatus if matches!(err.status, Some(404 | 405 | 400)) => {
+        // A redirect that is not followed stays so until the URL is fixed.
+        FailureKind::HttpStatus if matches!(err.status, Some(404 | 405 | 400 | 300..=399)) => {
             ShopState::Misconfigured
         }
         FailureKind::Dns | FailureKind::Connect | FailureKind::Timeout | FailureKind::Tls
@@ -117,16 +118,16 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
             "Nothing answers at the shop URL: check the URL and port, that the shop is up, and that no firewall or .htaccess rule blocks this server's IP."
         }
         Tls => {
-            "The TLS handshake failed: check the shop's certificate (expired, wrong host name) or a proxy intercepting TLS."
+            "The TLS handshake failed: check the shop's certificate (expired, wrong host name, unknown issuer) or a proxy intercepting TLS. A shop with a self-signed certificate or a private CA needs that certificate trusted: add the shop with --tls-ca-file PATH (a PEM file readable by the daemon); verification is never switched off."
         }
         Timeout => {
             "The shop did not answer in time: it may be overloaded or a firewall drops the traffic; raise probe.timeout or sync.request_timeout if it is just slow."
         }
         HttpStatus if m2 => {
-            "The API path answered with an error: check the shop URL; if /rest/ is not routed, URL rewrites may be off (cobbyd already tried index.php/rest)."
+            "The API path answered with an error or a redirect cobbyd does not follow: check the shop URL (for a redirect, register the URL it leads to); if /rest/ is not routed, URL rewrites may be off (cobbyd already tried index.php/rest)."
         }
         HttpStatus => {
-            "The API path answered with an error: check the shop URL; if /api/xmlrpc/ is not routed, URL rewrites may be off (cobbyd already tried index.php/api/xmlrpc/)."
+            "The API path answered with an error or a redirect cobbyd does not follow: check the shop URL (for a redirect, register the URL it leads to); if /api/xmlrpc/ is not routed, URL rewrites may be off (cobbyd already tried index.php/api/xmlrpc/)."
         }
         NotApi if m2 => {
             "The URL answered with a web page, not the REST API: use the shop's base URL (without /rest or /admin) and check that /rest/ (or index.php/rest/) is routed."

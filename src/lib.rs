@@ -27,3 +27,4 @@ pub mod sim;
 pub mod spread;
 pub mod store;
 pub mod sync;
+pub mod tls;

@@ -212,6 +212,8 @@ mod tests {
             credentials: Credentials::M2Bearer {
                 access_token: crate::secret::Secret::new("t"),
             },
+            allow_insecure_http: true,
+            tls_ca_file: None,
             created_at: String::new(),
             updated_at: String::new(),
         }

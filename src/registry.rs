@@ -55,6 +55,7 @@ pub fn client_options(config: &Config) -> ClientOptions {
         timeout: config.sync.request_timeout.max(config.probe.timeout),
         max_body: usize::try_from(config.sync.max_response_mb.saturating_mul(1024 * 1024))
             .unwrap_or(usize::MAX),
+        tls_ca_file: None,
     }
 }
 

@@ -254,6 +254,8 @@ pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
         "url": rec.url,
         "store_codes": rec.store_codes,
         "auth": rec.auth,
+        "insecure_http": rec.insecure_http(),
+        "tls_ca_file": rec.tls_ca_file,
         "state": h.state,
         "state_since": h.state_since,
         "last_probe": h.last_probe,
@@ -324,6 +326,12 @@ struct AddShop {
     credentials: toml::Table,
     #[serde(default)]
     no_verify: bool,
+    /// Accept a plain `http://` URL.
+    #[serde(default)]
+    allow_insecure_http: bool,
+    /// Absolute path of a PEM bundle of extra trusted roots.
+    #[serde(default)]
+    tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// The probe's diagnosis as error details.
@@ -368,6 +376,15 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     };
     let credentials = Credentials::from_table(&body.credentials, body.platform, auth)
         .map_err(|e| ApiError::invalid(format!("credentials: {e}")))?;
+    shop::check_transport(&url, body.allow_insecure_http, body.tls_ca_file.as_deref())
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    if let Some(path) = &body.tls_ca_file {
+        // Read and checked now, so that a bad file is refused here rather
+        // than found at the first probe; read again whenever the shop's
+        // client is built.
+        crate::tls::load_ca_file(path)
+            .map_err(|e| ApiError::invalid(format!("tls_ca_file: {e}")))?;
+    }
     let _guard = d.admin.lock().await;
     if d.registry.get(&body.name).is_some() {
         return Err(ApiError::new(
@@ -380,6 +397,7 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         ));
     }
     let now = crate::probe::rfc3339(chrono::Utc::now());
+    let insecure = shop::is_plain_http(&url);
     let rec = ShopRecord {
         name: body.name.clone(),
         platform: body.platform,
@@ -387,6 +405,8 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         store_codes,
         auth,
         credentials,
+        allow_insecure_http: body.allow_insecure_http && insecure,
+        tls_ca_file: body.tls_ca_file,
         created_at: now.clone(),
         updated_at: now,
     };
@@ -418,6 +438,9 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     d.ensure_jobs(&rec.name)?;
     d.store.flush().await?;
     tracing::info!(shop = %rec.name, platform = %rec.platform, url = %rec.url, verified = !body.no_verify, "shop added");
+    if rec.insecure_http() {
+        tracing::warn!(shop = %rec.name, "{}", shop::INSECURE_HTTP_NOTE);
+    }
     d.changed.notify_one();
     ok_json(StatusCode::CREATED, shop_json(&d, &rec))
 }

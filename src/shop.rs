@@ -5,6 +5,7 @@
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::path::PathBuf;
 use thiserror::Error;
 
 /// Magento 1.x (XML-RPC) or 2.x (REST).
@@ -327,6 +328,16 @@ pub struct ShopRecord {
     pub store_codes: Vec<String>,
     pub auth: AuthMode,
     pub credentials: Credentials,
+    /// The operator allowed a plain `http://` URL (`--allow-insecure-http`).
+    /// Records written before the flag existed load as `false`; their http
+    /// URL is still used (grandfathered), flagged in status and logged at
+    /// start.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// A PEM bundle of extra trusted roots (`--tls-ca-file`): the path, read
+    /// by the daemon whenever it builds the shop's client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -342,6 +353,8 @@ impl fmt::Debug for ShopRecord {
             .field("store_codes", &self.store_codes)
             .field("auth", &self.auth)
             .field("credentials", &self.credentials)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -356,10 +369,57 @@ impl ShopRecord {
             "store_codes": self.store_codes,
             "auth": self.auth,
             "credentials": self.credentials.redacted(),
+            "insecure_http": self.insecure_http(),
+            "allow_insecure_http": self.allow_insecure_http,
+            "tls_ca_file": self.tls_ca_file,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         })
     }
+
+    /// True when requests (and so credentials) travel unencrypted.
+    pub fn insecure_http(&self) -> bool {
+        is_plain_http(&self.url)
+    }
+
+    /// True for a plain-http record written before `--allow-insecure-http`
+    /// existed: still used, but flagged.
+    pub fn grandfathered_http(&self) -> bool {
+        self.insecure_http() && !self.allow_insecure_http
+    }
+}
+
+/// True when a (validated) URL is plain `http://`.
+pub fn is_plain_http(url: &str) -> bool {
+    url.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+}
+
+/// What status and `shop show` say about a plain-http shop.
+pub const INSECURE_HTTP_NOTE: &str = "plain http, credentials cross the network unencrypted: register the shop's https:// URL when it has one";
+
+/// The transport rules of `shop add`: an `http://` URL needs
+/// `--allow-insecure-http` (the credentials would cross the network in
+/// clear), and `--tls-ca-file` makes sense only with `https://`.
+pub fn check_transport(
+    url: &str,
+    allow_insecure_http: bool,
+    tls_ca_file: Option<&std::path::Path>,
+) -> Result<(), ValidationError> {
+    let http = is_plain_http(url);
+    if http && !allow_insecure_http {
+        return Err(ValidationError::new(
+            "url",
+            "plain http:// would send the shop's credentials unencrypted: use the shop's https:// URL, or pass --allow-insecure-http if the shop really has no TLS (e.g. a local test shop)",
+        ));
+    }
+    if http && tls_ca_file.is_some() {
+        return Err(ValidationError::new(
+            "tls_ca_file",
+            "applies to https:// URLs only: use the shop's https:// URL, or drop --tls-ca-file",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -388,6 +448,35 @@ mod tests {
         assert!(validate_url("ftp://x").is_err());
         assert!(validate_url("https://u:p@x").is_err());
         assert!(validate_url(" https://x").is_err());
+    }
+
+    #[test]
+    fn plain_http_needs_the_flag() {
+        let e = check_transport("http://x.example", false, None).unwrap_err();
+        assert_eq!(e.field, "url");
+        assert!(e.problem.contains("--allow-insecure-http"), "{e}");
+        assert!(e.problem.contains("https://"), "{e}");
+        assert!(check_transport("http://x.example", true, None).is_ok());
+        assert!(check_transport("https://x.example", false, None).is_ok());
+        let ca = std::path::Path::new("/etc/cobbyd/ca.pem");
+        assert!(check_transport("https://x.example", false, Some(ca)).is_ok());
+        let e = check_transport("http://x.example", true, Some(ca)).unwrap_err();
+        assert_eq!(e.field, "tls_ca_file");
+        assert!(is_plain_http("HTTP://X"));
+        assert!(!is_plain_http("https://x"));
+    }
+
+    #[test]
+    fn records_written_before_the_tls_fields_still_load() {
+        let old = r#"{"name":"acme","platform":"magento1","url":"http://shop.example","store_codes":["default"],"auth":"oauth","credentials":{"type":"m1","api_user":"u","api_key":"k3y0123456789"},"created_at":"2024-01-01T00:00:00Z","updated_at":"2024-01-01T00:00:00Z"}"#;
+        let rec: ShopRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.allow_insecure_http);
+        assert_eq!(rec.tls_ca_file, None);
+        assert!(rec.insecure_http() && rec.grandfathered_http());
+        assert_eq!(rec.public_json()["insecure_http"], true);
+        // Written again, it says nothing of a CA file it does not have.
+        let again = serde_json::to_string(&rec).unwrap();
+        assert!(!again.contains("tls_ca_file"), "{again}");
     }
 
     #[test]

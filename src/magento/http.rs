@@ -23,10 +23,6 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client with TLS verification on (rustls, webpki roots), a timeout on
-/// every request, a bounded connect time, and redirects limited to
-/// [`MAX_REDIRECTS`] that never leave the shop's host (the request carries
-/// credentials) nor downgrade https to http.
 /// Checks a shop's base URL (http(s) with a host) and returns it without a
 /// trailing slash.
 pub(crate) fn base_url(base_url: &str) -> Result<String, ShopError> {
@@ -43,7 +39,17 @@ pub(crate) fn base_url(base_url: &str) -> Result<String, ShopError> {
     Ok(base_url.trim_end_matches('/').to_string())
 }
 
+/// A client with TLS verification on (rustls, webpki roots plus the shop's
+/// `tls_ca_file` if it has one), a timeout on every request, a bounded
+/// connect time, and the redirect policy of [`follow_redirect`].
+///
+/// Shops without a CA file share one client per distinct timeout; a shop
+/// with one gets its own (its root store differs), built from the file as
+/// it is now.
 pub(crate) fn build_client(opts: &ClientOptions) -> Result<reqwest::Client, ShopError> {
+    if opts.tls_ca_file.is_some() {
+        return new_client(opts);
+    }
     // One client per distinct timeout, shared by every shop: a reqwest
     // client carries its own TLS root store and connection pool, which with
     // hundreds of shops costs tens of MiB for nothing. The redirect policy
@@ -65,40 +71,92 @@ pub(crate) fn build_client(opts: &ClientOptions) -> Result<reqwest::Client, Shop
     Ok(client)
 }
 
+/// Whether to follow a redirect from `previous` (the chain so far, the
+/// shop's own URL first) to `next`. Every request carries credentials (an
+/// `Authorization` header on Magento 2, the API user and key in the body
+/// of an M1 `login`, which a 307/308 would send again), so a redirect is
+/// followed only when it stays on the first URL's host: the same origin,
+/// or an upgrade of the first URL's `http` to `https` on that host. Never
+/// to another host or port, never from https back to http, at most
+/// [`MAX_REDIRECTS`] times. A redirect not followed comes back to the
+/// client as the 3xx answer, which [`classify_common`] explains.
+pub(crate) fn follow_redirect(previous: &[url::Url], next: &url::Url) -> Redirect {
+    let Some(first) = previous.first() else {
+        return Redirect::Follow;
+    };
+    if previous.len() > MAX_REDIRECTS {
+        return Redirect::TooMany;
+    }
+    let same_host = next.host_str() == first.host_str();
+    let same_origin = same_host
+        && next.scheme() == first.scheme()
+        && next.port_or_known_default() == first.port_or_known_default();
+    let upgrade = same_host
+        && first.scheme() == "http"
+        && next.scheme() == "https"
+        && next.port_or_known_default() == Some(443)
+        && first.port_or_known_default() == Some(80);
+    let downgrade = previous
+        .iter()
+        .any(|u| u.scheme() == "https" && next.scheme() != "https");
+    if (same_origin || upgrade) && !downgrade {
+        Redirect::Follow
+    } else {
+        Redirect::Stop
+    }
+}
+
+/// What [`follow_redirect`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Redirect {
+    Follow,
+    /// Not followed: the 3xx answer is the result.
+    Stop,
+    TooMany,
+}
+
 fn new_client(opts: &ClientOptions) -> Result<reqwest::Client, ShopError> {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let Some(first) = attempt.previous().first() else {
-            return attempt.follow();
-        };
-        if attempt.previous().len() > MAX_REDIRECTS {
-            let msg = format!("more than {MAX_REDIRECTS} redirects");
-            return attempt.error(msg);
-        }
-        let next = attempt.url();
-        let same_host = next.host_str() == first.host_str();
-        let same_origin = same_host
-            && next.scheme() == first.scheme()
-            && next.port_or_known_default() == first.port_or_known_default();
-        let upgrade = same_host && first.scheme() == "http" && next.scheme() == "https";
-        if same_origin || upgrade {
-            attempt.follow()
-        } else {
-            attempt.stop()
+        match follow_redirect(attempt.previous(), attempt.url()) {
+            Redirect::Follow => attempt.follow(),
+            Redirect::Stop => attempt.stop(),
+            Redirect::TooMany => {
+                let msg = format!("more than {MAX_REDIRECTS} redirects");
+                attempt.error(msg)
+            }
         }
     });
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(opts.timeout)
         .connect_timeout(CONNECT_TIMEOUT.min(opts.timeout))
         .redirect(policy)
-        .user_agent(concat!("cobbyd/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| {
+        .user_agent(concat!("cobbyd/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &opts.tls_ca_file {
+        let certs = crate::tls::load_ca_file(path).map_err(|e| {
             ShopError::new(
-                FailureKind::Protocol,
-                format!("cannot set up the HTTP client: {e}"),
+                FailureKind::Tls,
+                format!(
+                    "{e} (the shop's --tls-ca-file; to change it, remove and add the shop again)"
+                ),
             )
-        })
+        })?;
+        for der in certs {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|e| {
+                ShopError::new(
+                    FailureKind::Tls,
+                    format!("the CA file {}: {e}", path.display()),
+                )
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| {
+        ShopError::new(
+            FailureKind::Protocol,
+            format!("cannot set up the HTTP client: {e}"),
+        )
+    })
 }
 
 /// Every message in an error's source chain, outermost first.
@@ -169,13 +227,27 @@ pub(crate) fn classify_send_error(e: &reqwest::Error, opts: &ClientOptions) -> S
     if has_invalid_data(e) || tls_words.iter().any(|w| all.contains(w)) {
         return ShopError::new(
             FailureKind::Tls,
-            format!("TLS with {host} failed: {detail}"),
+            format!("TLS with {host} failed: {detail}{}", tls_explanation(&all)),
         );
     }
     ShopError::new(
         FailureKind::Connect,
         format!("cannot connect to {host}: {detail}"),
     )
+}
+
+/// Plain words for the certificate failures operators meet most, from
+/// rustls' error text (lower-cased).
+fn tls_explanation(all: &str) -> &'static str {
+    if all.contains("unknownissuer") || all.contains("unknown issuer") {
+        " (the certificate is not signed by a CA cobbyd trusts: a self-signed certificate or a private CA; trust it with `shop add --tls-ca-file`)"
+    } else if all.contains("notvalidforname") || all.contains("not valid for name") {
+        " (the certificate is made out to another host name: use the host name it names in the shop URL)"
+    } else if all.contains("expired") {
+        " (the certificate has expired, or this server's clock is wrong)"
+    } else {
+        ""
+    }
 }
 
 /// Reads a whole body, refusing more than `max` bytes (announced or
@@ -301,28 +373,20 @@ pub(crate) fn is_html(headers: &HeaderMap, body: &[u8]) -> bool {
 
 /// The answers both APIs give alike, classified; `None` when the status is
 /// for the protocol-specific classification to judge. `body_is_api` says
-/// whether the body is in the API's own format (JSON for M2, XML-RPC for M1).
+/// whether the body is in the API's own format (JSON for M2, XML-RPC for M1);
+/// `url` is the URL that gave this answer.
 pub(crate) fn classify_common(
     status: u16,
     headers: &HeaderMap,
     body_is_api: bool,
+    url: &url::Url,
 ) -> Option<ShopError> {
     let retry = retry_after(headers);
     let err = match status {
-        300..=399 => {
-            let to = headers
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|l| url::Url::parse(l).ok())
-                .and_then(|u| u.host_str().map(str::to_string))
-                .unwrap_or_else(|| "elsewhere".to_string());
-            ShopError::new(
-                FailureKind::HttpStatus,
-                format!(
-                    "HTTP {status}: the shop redirects to {to}; not followed with credentials: register the shop with the URL it redirects to"
-                ),
-            )
-        }
+        300..=399 => ShopError::new(
+            FailureKind::HttpStatus,
+            redirect_message(status, headers, url),
+        ),
         429 => ShopError::new(
             FailureKind::RateLimited,
             match retry {
@@ -337,6 +401,38 @@ pub(crate) fn classify_common(
         _ => return None,
     };
     Some(err.with_status(status).with_retry_after(retry))
+}
+
+/// Why a 3xx answer reached the client (the redirect policy did not follow
+/// it) and what to do. Names the target's origin only, never its path or
+/// query.
+fn redirect_message(status: u16, headers: &HeaderMap, from: &url::Url) -> String {
+    let location = headers.get(LOCATION).and_then(|v| v.to_str().ok());
+    let Some(location) = location else {
+        return format!(
+            "HTTP {status} without a Location header: the shop URL does not lead to the API; check the shop URL"
+        );
+    };
+    let Ok(to) = from.join(location) else {
+        return format!(
+            "HTTP {status} with an unusable Location header: the shop URL does not lead to the API; check the shop URL"
+        );
+    };
+    let origin = to.origin().ascii_serialization();
+    let host = to.host_str().unwrap_or("?");
+    if to.host_str() != from.host_str() {
+        format!(
+            "HTTP {status}: the shop redirected to another host ({host}); cobbyd does not follow cross-host redirects (the request carries credentials): fix the shop URL (use the final URL, {origin})"
+        )
+    } else if from.scheme() == "https" && to.scheme() != "https" {
+        format!(
+            "HTTP {status}: the shop redirected from https to plain http ({origin}); cobbyd never downgrades: fix the shop's redirect, or its URL"
+        )
+    } else {
+        format!(
+            "HTTP {status}: the shop redirected to {origin}, another port or scheme than the shop URL; cobbyd follows redirects only on the shop URL's own origin (or http to https on the default ports): fix the shop URL (use the final URL, {origin})"
+        )
+    }
 }
 
 #[cfg(test)]
@@ -518,6 +614,62 @@ mod tests {
         );
         assert_eq!(parse_retry_after("999999999", now), Some(MAX_RETRY_AFTER));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn redirects_stay_on_the_shop_host() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        let shop = [u("https://shop.example/rest/V1/x")];
+        let f = |prev: &[url::Url], next: &str| follow_redirect(prev, &u(next));
+        assert_eq!(
+            f(&shop, "https://shop.example/index.php/rest/V1/x"),
+            Redirect::Follow
+        );
+        assert_eq!(
+            f(&shop, "https://www.shop.example/rest/V1/x"),
+            Redirect::Stop
+        );
+        assert_eq!(
+            f(&shop, "https://shop.example:8443/rest/V1/x"),
+            Redirect::Stop
+        );
+        assert_eq!(f(&shop, "http://shop.example/rest/V1/x"), Redirect::Stop);
+        let plain = [u("http://shop.example/rest/V1/x")];
+        assert_eq!(
+            f(&plain, "https://shop.example/rest/V1/x"),
+            Redirect::Follow
+        );
+        assert_eq!(f(&plain, "https://evil.example/rest/V1/x"), Redirect::Stop);
+        assert_eq!(f(&plain, "https://shop.example:8443/x"), Redirect::Stop);
+        // Upgraded once, never back down.
+        let upgraded = [u("http://shop.example/x"), u("https://shop.example/x")];
+        assert_eq!(f(&upgraded, "http://shop.example/y"), Redirect::Stop);
+        let long: Vec<url::Url> = (0..=MAX_REDIRECTS).map(|_| shop[0].clone()).collect();
+        assert_eq!(f(&long, "https://shop.example/y"), Redirect::TooMany);
+    }
+
+    #[test]
+    fn redirect_messages_name_the_origin_and_the_fix() {
+        let from = url::Url::parse("https://shop.example/rest/V1/x").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            LOCATION,
+            "https://www.shop.example/rest/V1/x?secret=1"
+                .parse()
+                .unwrap(),
+        );
+        let m = redirect_message(301, &h, &from);
+        assert!(m.contains("another host (www.shop.example)"), "{m}");
+        assert!(
+            m.contains("use the final URL, https://www.shop.example"),
+            "{m}"
+        );
+        assert!(!m.contains("secret"), "{m}");
+        h.insert(LOCATION, "http://shop.example/rest/V1/x".parse().unwrap());
+        assert!(redirect_message(302, &h, &from).contains("never downgrades"));
+        h.insert(LOCATION, "/elsewhere".parse().unwrap());
+        assert!(redirect_message(302, &h, &from).contains("https://shop.example"));
+        assert!(redirect_message(302, &HeaderMap::new(), &from).contains("without a Location"));
     }
 
     #[test]

@@ -67,6 +67,8 @@ struct Answer {
     status: u16,
     headers: HeaderMap,
     body: Bytes,
+    /// The URL that gave the answer.
+    url: url::Url,
 }
 
 impl M1Client {
@@ -98,7 +100,11 @@ impl M1Client {
     pub fn from_record(rec: &ShopRecord, opts: &ClientOptions) -> Result<Self, ShopError> {
         match (&rec.platform, &rec.credentials) {
             (Platform::Magento1, Credentials::M1 { api_user, api_key }) => {
-                M1Client::new(&rec.name, &rec.url, api_user, api_key.clone(), opts)
+                let opts = ClientOptions {
+                    tls_ca_file: rec.tls_ca_file.clone(),
+                    ..opts.clone()
+                };
+                M1Client::new(&rec.name, &rec.url, api_user, api_key.clone(), &opts)
             }
             _ => Err(ShopError::new(
                 FailureKind::Protocol,
@@ -385,6 +391,7 @@ impl M1Client {
             .map_err(|e| http::classify_send_error(&e, &inner.opts))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        let answered_by = resp.url().clone();
         if let Some(t) = headers
             .get(DATE)
             .and_then(|v| v.to_str().ok())
@@ -406,6 +413,7 @@ impl M1Client {
             status,
             headers,
             body,
+            url: answered_by,
         })
     }
 }
@@ -446,7 +454,7 @@ fn classify(
     decoded: Result<Result<Value, Fault>, XmlRpcError>,
 ) -> Result<Result<Value, Fault>, ShopError> {
     let status = a.status;
-    if let Some(e) = http::classify_common(status, &a.headers, decoded.is_ok()) {
+    if let Some(e) = http::classify_common(status, &a.headers, decoded.is_ok(), &a.url) {
         return Err(e);
     }
     let fail = |kind, msg: String| Err(ShopError::new(kind, msg).with_status(status));
@@ -500,6 +508,7 @@ mod tests {
         ClientOptions {
             timeout: Duration::from_secs(5),
             max_body: 64 * 1024,
+            tls_ca_file: None,
         }
     }
 
@@ -595,6 +604,31 @@ mod tests {
             }
         })
         .await
+    }
+
+    #[tokio::test]
+    async fn login_is_never_resent_to_another_host() {
+        // 307 and 308 ask the client to POST the same body (user and key)
+        // again: to another port it must not go.
+        let (other, other_log) = testserver::serve(|_, _| ok(Value::str(SID1))).await;
+        for status in [
+            "307 Temporary Redirect",
+            "308 Permanent Redirect",
+            "302 Found",
+        ] {
+            let to = format!("http://{other}/api/xmlrpc/");
+            let (addr, log) = testserver::serve(move |_, _| {
+                response(status, "text/html", &[("Location", to.as_str())], "moved")
+            })
+            .await;
+            let e = client(addr).probe().await.unwrap_err();
+            assert_eq!(e.kind, FailureKind::HttpStatus, "{e}");
+            assert!(e.message.contains("another port or scheme"), "{e}");
+            no_secrets(&e);
+            // The shop itself got the login (both endpoints tried).
+            assert!(!log.lock().unwrap().is_empty());
+        }
+        assert!(other_log.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -136,6 +136,8 @@ struct Answer {
     /// True when the answer came from another URL (a followed redirect):
     /// an OAuth signature is then for the wrong URL.
     redirected: bool,
+    /// The URL that gave the answer.
+    url: url::Url,
 }
 
 impl M2Client {
@@ -189,7 +191,11 @@ impl M2Client {
                 ));
             }
         };
-        M2Client::new(&rec.name, &rec.url, auth, opts)
+        let opts = ClientOptions {
+            tls_ca_file: rec.tls_ca_file.clone(),
+            ..opts.clone()
+        };
+        M2Client::new(&rec.name, &rec.url, auth, &opts)
     }
 
     /// `{base}/rest` or `{base}/index.php/rest`, once a request has shown
@@ -333,6 +339,7 @@ impl M2Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let redirected = resp.url() != &url;
+        let answered_by = resp.url().clone();
         let body = http::read_body(&mut resp, &inner.opts).await?;
         debug!(
             shop = %inner.shop,
@@ -347,6 +354,7 @@ impl M2Client {
             headers,
             body,
             redirected,
+            url: answered_by,
         })
     }
 }
@@ -525,7 +533,7 @@ fn classify(a: &Answer) -> Result<(), ShopError> {
             .with_status(a.status)
             .with_retry_after(retry))
     };
-    if let Some(e) = http::classify_common(a.status, &a.headers, is_json) {
+    if let Some(e) = http::classify_common(a.status, &a.headers, is_json, &a.url) {
         return Err(e);
     }
     let status = a.status;
@@ -752,6 +760,7 @@ mod tests {
         ClientOptions {
             timeout: Duration::from_secs(5),
             max_body: 64 * 1024,
+            tls_ca_file: None,
         }
     }
 
@@ -1084,6 +1093,7 @@ mod tests {
         let quick = ClientOptions {
             timeout: Duration::from_millis(300),
             max_body: 1024,
+            tls_ca_file: None,
         };
         let c = M2Client::new("t", &format!("http://{addr}"), oauth_auth(), &quick).unwrap();
         let e = c.probe("default").await.unwrap_err();
@@ -1135,8 +1145,46 @@ mod tests {
         .await;
         let e = client(addr).probe("default").await.unwrap_err();
         assert_eq!(e.kind, FailureKind::HttpStatus, "{e}");
-        assert!(e.message.contains("redirects to localhost"), "{e}");
+        assert!(
+            e.message.contains("redirected to another host (localhost)")
+                && e.message.contains("use the final URL, http://localhost:1"),
+            "{e}"
+        );
+        assert!(!e.message.contains("/rest/x"), "{e}");
         assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_redirect_takes_the_authorization_header_elsewhere() {
+        // Another port of the same address, for bearer and OAuth alike,
+        // whatever the 3xx: the second server must hear nothing.
+        let (other, other_log) = testserver::serve(|_, _| json("200 OK", "{}")).await;
+        for status in [
+            "301 Moved Permanently",
+            "302 Found",
+            "307 Temporary Redirect",
+            "308 Permanent Redirect",
+        ] {
+            let to = format!("http://{other}/rest/V1/store/storeConfigs");
+            let (addr, log) = testserver::serve(move |_, _| {
+                response(status, "text/html", &[("Location", to.as_str())], "moved")
+            })
+            .await;
+            for auth in [
+                oauth_auth(),
+                M2Auth::Bearer {
+                    access_token: Secret::new(AT),
+                },
+            ] {
+                let c = M2Client::new("t", &format!("http://{addr}"), auth, &opts()).unwrap();
+                let e = c.probe("default").await.unwrap_err();
+                assert_eq!(e.kind, FailureKind::HttpStatus, "{e}");
+                assert!(e.message.contains("another port or scheme"), "{e}");
+                no_secrets(&e);
+            }
+            assert!(!log.lock().unwrap().is_empty());
+        }
+        assert!(other_log.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Largest answer body read, in bytes; bigger is a `Protocol` error.
     pub max_body: usize,
+    /// A PEM bundle of extra trusted roots for this shop (`--tls-ca-file`);
+    /// the client then gets its own root store instead of the shared one.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -169,6 +172,7 @@ impl Default for ClientOptions {
         ClientOptions {
             timeout: Duration::from_secs(60),
             max_body: 64 * 1024 * 1024,
+            tls_ca_file: None,
         }
     }
 }

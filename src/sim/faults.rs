@@ -44,6 +44,17 @@ pub enum Fault {
         /// Seconds announced in `Retry-After`.
         retry_after_s: u64,
     },
+    /// The API routes answer with a redirect to `to` followed by the
+    /// request's own path and query (a shop moved to another host, or a
+    /// web server that sends `/rest/` elsewhere). The storefront is left
+    /// alone.
+    Redirect {
+        /// A 3xx status: 301, 302, 303, 307 or 308 (307 and 308 ask the
+        /// client to send a POST body again).
+        status: u16,
+        /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
+        to: String,
+    },
 }
 
 impl Fault {
@@ -59,12 +70,14 @@ impl Fault {
             Fault::Truncated => "truncated",
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
+            Fault::Redirect { .. } => "redirect",
         }
     }
 
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
-    /// "retry_after_s": 5}`, or a bare mode name.
+    /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
+    /// "http://127.0.0.2:8080"}`, or a bare mode name.
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -88,6 +101,23 @@ impl Fault {
             "rate_limited" => Fault::RateLimited {
                 retry_after_s: num("retry_after_s").unwrap_or(1),
             },
+            "redirect" => {
+                let status = num("status").unwrap_or(302);
+                if !(300..=399).contains(&status) {
+                    return Err("redirect needs a 3xx \"status\"".into());
+                }
+                let to = v
+                    .get("to")
+                    .and_then(|t| t.as_str())
+                    .ok_or("redirect needs \"to\" (a base URL)")?;
+                if url::Url::parse(to).is_err() {
+                    return Err(format!("\"to\" is not a URL: {to:?}"));
+                }
+                Fault::Redirect {
+                    status: status as u16,
+                    to: to.to_string(),
+                }
+            }
             other => return Err(format!("unknown fault mode {other:?}")),
         })
     }
@@ -99,6 +129,10 @@ impl Fault {
             Fault::Slow(d) => v["ms"] = (d.as_millis() as u64).into(),
             Fault::Flaky { every } => v["every"] = (*every).into(),
             Fault::RateLimited { retry_after_s } => v["retry_after_s"] = (*retry_after_s).into(),
+            Fault::Redirect { status, to } => {
+                v["status"] = (*status).into();
+                v["to"] = to.as_str().into();
+            }
             _ => {}
         }
         v
@@ -147,6 +181,16 @@ pub fn rate_limited(retry_after_s: u64) -> Resp {
     let mut r = json_bytes(429, br#"{"message":"Too Many Requests"}"#.to_vec());
     r.headers_mut()
         .insert(hyper::header::RETRY_AFTER, retry_after_s.into());
+    r
+}
+
+/// A redirect to `to` plus the request's path and query.
+pub fn redirect(status: u16, to: &str, path_and_query: &str) -> Resp {
+    let location = format!("{}{path_and_query}", to.trim_end_matches('/'));
+    let mut r = html(status, "<!doctype html>\n<html><body>Moved</body></html>\n");
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(hyper::header::LOCATION, v);
+    }
     r
 }
 
@@ -225,10 +269,18 @@ mod tests {
             Fault::Truncated,
             Fault::Garbage,
             Fault::RateLimited { retry_after_s: 7 },
+            Fault::Redirect {
+                status: 308,
+                to: "http://127.0.0.2:9".into(),
+            },
         ] {
             assert_eq!(Fault::from_json(&f.to_json()), Ok(f));
         }
         assert!(Fault::from_json(&serde_json::json!({"mode": "explode"})).is_err());
         assert!(Fault::from_json(&serde_json::json!({"mode": "slow"})).is_err());
+        let bad = serde_json::json!({"mode": "redirect", "status": 200, "to": "http://x"});
+        assert!(Fault::from_json(&bad).is_err());
+        let bad = serde_json::json!({"mode": "redirect", "status": 302});
+        assert!(Fault::from_json(&bad).is_err());
     }
 }

@@ -202,7 +202,8 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
         .path_and_query()
         .map(|x| x.as_str())
         .unwrap_or("/");
-    let ok = url::Url::parse(&format!("http://{host}{pq}")).is_ok_and(|url| {
+    let scheme = if inner.tls.is_some() { "https" } else { "http" };
+    let ok = url::Url::parse(&format!("{scheme}://{host}{pq}")).is_ok_and(|url| {
         oauth::verify(
             req.method().as_str(),
             &url,
@@ -946,7 +947,8 @@ async fn put_product(inner: &Arc<Inner>, req: Request<Incoming>, sku: &str, lang
 }
 
 fn base_urls(inner: &Inner) -> Value {
-    let base = format!("http://127.0.0.1:{}/", inner.port);
+    let scheme = if inner.tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://127.0.0.1:{}/", inner.port);
     json!({
         "base_url": base,
         "base_link_url": base,

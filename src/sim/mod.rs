@@ -19,9 +19,11 @@ pub mod faults;
 pub mod m1;
 pub mod m2;
 mod server;
+pub mod tls;
 
 use crate::sim::catalog::Catalog;
 pub use crate::sim::faults::Fault;
+pub use crate::sim::tls::SimTls;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -76,6 +78,9 @@ pub struct SimConfig {
     pub store_codes: Vec<String>,
     /// Magento 1 API session idle timeout (default 3600 s).
     pub session_timeout: Duration,
+    /// Serve the shop over HTTPS with this certificate and key (default:
+    /// plain HTTP). [`SimHandle::url`] then says `https://`.
+    pub tls: Option<SimTls>,
 }
 
 impl Default for SimConfig {
@@ -92,6 +97,7 @@ impl Default for SimConfig {
             max_page_size: 300,
             store_codes: vec!["default".to_string(), "fr".to_string()],
             session_timeout: Duration::from_secs(3600),
+            tls: None,
         }
     }
 }
@@ -284,6 +290,8 @@ struct Inner {
     /// Varies the order of tied rows from request to request.
     salt: AtomicU64,
     listeners: Mutex<server::Listeners>,
+    /// Set when the shop listener speaks TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Inner {
@@ -328,6 +336,7 @@ impl SimHandle {
         if cfg.store_codes.is_empty() {
             cfg.store_codes.push("default".to_string());
         }
+        let tls = cfg.tls.as_ref().map(SimTls::acceptor).transpose()?;
         let products = cfg.products;
         let seed = cfg.seed;
         let catalog = tokio::task::spawn_blocking(move || Catalog::generate(seed, products))
@@ -351,6 +360,7 @@ impl SimHandle {
             counters: CounterCells::default(),
             salt: AtomicU64::new(1),
             listeners: Mutex::new(server::Listeners::new(tokio::runtime::Handle::current())),
+            tls,
         });
         server::start_control(&inner, control)?;
         server::start_shop(&inner, shop)?;
@@ -358,9 +368,20 @@ impl SimHandle {
     }
 
     /// The shop base URL, `http://127.0.0.1:PORT` (M2 at `/rest/...`, M1 at
-    /// `/api/xmlrpc/`).
+    /// `/api/xmlrpc/`); `https://` when the config has [`SimConfig::tls`].
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.inner.port)
+        let scheme = if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.inner.port)
+    }
+
+    /// The shop base URL with another host name for 127.0.0.1 (e.g.
+    /// `localhost`, the name a test certificate is made out to).
+    pub fn url_with_host(&self, host: &str) -> String {
+        self.url().replacen("127.0.0.1", host, 1)
     }
 
     /// The control API base URL.
@@ -611,6 +632,13 @@ pub struct SimulateArgs {
     /// Write m2-oauth.toml, m2-bearer.toml and m1.toml (mode 0600) here.
     #[arg(long, value_name = "DIR")]
     pub credentials_dir: Option<PathBuf>,
+    /// Serve the shop over HTTPS with this certificate chain (PEM, leaf
+    /// first); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Writes the three credential files into `dir` (created if missing), mode
@@ -648,6 +676,10 @@ pub fn write_credentials(dir: &Path, creds: &SimCredentials) -> std::io::Result<
 /// secrets: those go to the credential files), serves until Ctrl-C or
 /// SIGTERM.
 pub async fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(SimTls::from_files(cert, key)?),
+        _ => None,
+    };
     let cfg = SimConfig {
         products: args.products,
         seed: args.seed,
@@ -656,6 +688,7 @@ pub async fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
         bearer_enabled: args.bearer,
         index_php_only: args.index_php_only,
         legacy_last_page: args.legacy_last_page,
+        tls,
         ..SimConfig::default()
     };
     let sim = SimHandle::start(cfg).await?;

@@ -307,6 +307,10 @@ async fn serve_conn(
     epoch: u64,
 ) {
     let _guard = register(&inner, side, &stream);
+    let tls = match side {
+        Side::Shop => inner.tls.clone(),
+        Side::Control => None,
+    };
     let svc = service_fn(move |req: Request<Incoming>| {
         let inner = inner.clone();
         async move {
@@ -316,9 +320,29 @@ async fn serve_conn(
             }
         }
     });
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    let work = async move {
+        match tls {
+            None => {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+            Some(acceptor) => {
+                // A client that refuses the certificate ends the handshake
+                // with an alert: nothing more to do for that connection.
+                let accepted =
+                    tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await;
+                if let Ok(Ok(tls_stream)) = accepted {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls_stream), svc)
+                        .await;
+                }
+            }
+        }
+    };
     tokio::select! {
-        _ = conn => {}
+        _ = work => {}
         _ = ended(&mut rx, epoch) => {}
     }
 }
@@ -400,6 +424,13 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
         Fault::RateLimited { retry_after_s } => {
             bump(&c.faults_injected);
             return Ok(faults::rate_limited(*retry_after_s));
+        }
+        Fault::Redirect { status, to } => {
+            if is_api {
+                bump(&c.faults_injected);
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return Ok(faults::redirect(*status, to, pq));
+            }
         }
         Fault::Flaky { every } => {
             let n = inner.flaky_seen.fetch_add(1, Ordering::Relaxed) + 1;

@@ -60,7 +60,14 @@ enum Inject {
     ExpireSessions,
     /// Registered with a path that is not the shop's base URL.
     WrongPath,
+    /// The API answers 307 to another host (`Fault::Redirect`, built at run
+    /// time: its target is a `String`).
+    RedirectAway,
 }
+
+/// Where `RedirectAway` points: another loopback address, where nothing
+/// listens (cobbyd must not go there; `tls::` checks that nothing arrives).
+const REDIRECT_TO: &str = "http://127.0.0.2:9";
 
 /// Extra evidence a row that recovers must show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,6 +198,12 @@ const PATH: Situation = Situation {
     inject: Inject::WrongPath,
 };
 
+const REDIRECT: Situation = Situation {
+    id: "redirect",
+    what: "the API answers 307 to another host (the shop moved, or a proxy sends the API elsewhere)",
+    inject: Inject::RedirectAway,
+};
+
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
     Row {
         sit,
@@ -220,6 +233,20 @@ const ROWS: &[Row] = &[
     row(&HTML, M2, Probe, Problem("misconfigured", K::NotApi)),
     row(&HTML, M1, Sync, RunFails(K::NotApi, 1)),
     row(&HTML, M2, Sync, RunFails(K::NotApi, 1)),
+    row(
+        &REDIRECT,
+        M1,
+        Probe,
+        Problem("misconfigured", K::HttpStatus),
+    ),
+    row(
+        &REDIRECT,
+        M2,
+        Probe,
+        Problem("misconfigured", K::HttpStatus),
+    ),
+    row(&REDIRECT, M1, Sync, RunFails(K::HttpStatus, 1)),
+    row(&REDIRECT, M2, Sync, RunFails(K::HttpStatus, 1)),
     row(&SLOWS, M1, Probe, Problem("down", K::Timeout)),
     row(&SLOWS, M2, Probe, Problem("down", K::Timeout)),
     row(&SLOWS, M1, Sync, RunFails(K::Timeout, ATTEMPTS)),
@@ -503,6 +530,10 @@ fn creds(row: &Row, sim: &SimHandle) -> String {
 fn inject(row: &Row, sim: &SimHandle) {
     match &row.sit.inject {
         Inject::Mode(f) => sim.set_fault(f.clone()),
+        Inject::RedirectAway => sim.set_fault(Fault::Redirect {
+            status: 307,
+            to: REDIRECT_TO.to_string(),
+        }),
         Inject::RevokeCatalog | Inject::RevokeProbeOnly => {
             sim.revoke(row.resource().unwrap_or_default())
         }
@@ -516,7 +547,7 @@ fn inject(row: &Row, sim: &SimHandle) {
 /// URL).
 fn clear(row: &Row, sim: &SimHandle) -> bool {
     match &row.sit.inject {
-        Inject::Mode(_) => sim.set_fault(Fault::None),
+        Inject::Mode(_) | Inject::RedirectAway => sim.set_fault(Fault::None),
         Inject::RevokeCatalog | Inject::RevokeProbeOnly => {
             sim.grant(row.resource().unwrap_or_default())
         }
@@ -985,7 +1016,8 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Flaky { .. }
             | Fault::Truncated
             | Fault::Garbage
-            | Fault::RateLimited { .. } => true,
+            | Fault::RateLimited { .. }
+            | Fault::Redirect { .. } => true,
         }
     }
     let modes = [
@@ -999,6 +1031,10 @@ fn matrix_covers_every_fault_mode() {
         Fault::RateLimited {
             retry_after_s: RETRY_AFTER_S,
         },
+        Fault::Redirect {
+            status: 307,
+            to: REDIRECT_TO.to_string(),
+        },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
         for p in [M1, M2] {
@@ -1006,9 +1042,12 @@ fn matrix_covers_every_fault_mode() {
                 let n = ROWS
                     .iter()
                     .filter(|r| {
-                        matches!(&r.sit.inject, Inject::Mode(f) if f.name() == m.name())
-                            && r.p == p
-                            && r.phase == phase
+                        let mode = match &r.sit.inject {
+                            Inject::Mode(f) => Some(f.name()),
+                            Inject::RedirectAway => Some("redirect"),
+                            _ => None,
+                        };
+                        mode == Some(m.name()) && r.p == p && r.phase == phase
                     })
                     .count();
                 assert_eq!(n, 1, "{} × {p:?} × {phase:?}: {n} rows", m.name());

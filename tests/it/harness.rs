@@ -246,7 +246,8 @@ impl Daemon {
         });
     }
 
-    /// `shop add` with credentials on stdin.
+    /// `shop add` with credentials on stdin; an `http://` URL (the
+    /// simulator's) gets `--allow-insecure-http`.
     pub fn add_shop(
         &self,
         name: &str,
@@ -266,6 +267,9 @@ impl Daemon {
             "--credentials-file",
             "-",
         ];
+        if url.starts_with("http://") {
+            args.push("--allow-insecure-http");
+        }
         args.extend_from_slice(extra);
         self.cli_stdin(&args, Some(creds))
     }

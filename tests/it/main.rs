@@ -5,10 +5,11 @@
 mod harness;
 
 mod daemon;
+mod disk;
 mod faults;
 mod operate;
+mod security;
 mod shops;
 mod sync;
 mod sync_util;
-mod security;
-mod disk;
+mod tls;
