@@ -113,9 +113,9 @@ impl Daemon {
         line
     }
 
-    /// Makes sure every shop has its recurring jobs pending (after start-up
-    /// and after `shop add`). Existing pending jobs keep their time.
-    pub fn ensure_jobs(&self, shop: &str) -> Result<(), crate::store::StoreError> {
+    /// A new shop's recurring jobs: probe, sync, full sync (in this order),
+    /// each with its first due time.
+    pub fn first_jobs(&self, shop: &str) -> [(JobKind, u64); 3] {
         let cfg = self.config();
         let now = now_ms();
         let jitter = |d: Duration| -> u64 {
@@ -123,16 +123,24 @@ impl Daemon {
             let span = (d.as_millis() as u64 / 10).max(1);
             shop_hash(shop) % span
         };
-        self.queue
-            .schedule_at(shop, JobKind::Probe, now + jitter(cfg.probe.interval), true)?;
-        if self.queue.pending(shop, JobKind::Sync).is_none() {
-            self.queue
-                .schedule_at(shop, JobKind::Sync, now + jitter(cfg.sync.interval), true)?;
-        }
-        if self.queue.pending(shop, JobKind::FullSync).is_none() {
-            let due =
-                now + cfg.sync.full_interval.as_millis() as u64 + jitter(cfg.sync.full_interval);
-            self.queue.schedule_at(shop, JobKind::FullSync, due, true)?;
+        [
+            (JobKind::Probe, now + jitter(cfg.probe.interval)),
+            (JobKind::Sync, now + jitter(cfg.sync.interval)),
+            (
+                JobKind::FullSync,
+                now + cfg.sync.full_interval.as_millis() as u64 + jitter(cfg.sync.full_interval),
+            ),
+        ]
+    }
+
+    /// Makes sure every shop has its recurring jobs pending (at start-up;
+    /// `shop add` stores them with the record). Existing pending jobs keep
+    /// their time, except that a probe may move earlier.
+    pub fn ensure_jobs(&self, shop: &str) -> Result<(), crate::store::StoreError> {
+        for (kind, due) in self.first_jobs(shop) {
+            if kind == JobKind::Probe || self.queue.pending(shop, kind).is_none() {
+                self.queue.schedule_at(shop, kind, due, true)?;
+            }
         }
         Ok(())
     }
@@ -188,6 +196,16 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         }
     };
     let flusher = store.spawn_flusher();
+    match store.finish_removals() {
+        Ok(shops) if !shops.is_empty() => {
+            tracing::warn!(shops = ?shops, "finished shop removals interrupted by a crash");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("cobbyd: cannot finish an interrupted shop removal: {e}");
+            return 1;
+        }
+    }
     let built = (|| -> Result<Arc<Daemon>, crate::store::StoreError> {
         let (queue, recovered) = Queue::open(store.clone())?;
         if recovered > 0 {
