@@ -67,6 +67,8 @@ pub struct Report {
     pub state_dir: String,
     pub schema: Option<u32>,
     pub shops: Vec<String>,
+    /// Shops with a health record.
+    pub health: Vec<String>,
     pub jobs: usize,
     pub leased: usize,
     pub mirrors: Vec<MirrorSummary>,
@@ -275,6 +277,7 @@ pub fn check(store: &Store) -> Result<Report, StoreError> {
                 format!("a health record of {shop:?}, which is not registered"),
             );
         }
+        r.health.push(shop);
     }
     let mut orphan_runs: BTreeMap<String, usize> = BTreeMap::new();
     for k in store.runs().iter().keys() {

@@ -7,5 +7,6 @@ mod harness;
 mod daemon;
 mod operate;
 mod shops;
+mod soak;
 mod sync;
 mod sync_util;
