@@ -223,7 +223,7 @@ fn crash_soak_both_platforms() {
             sim.set_fault(Fault::Slow(Duration::from_millis(2)));
         }
         for name in ["m1", "m2"] {
-            let full = rng.range(0, 3) == 0;
+            let full = rng.range(0, 2) == 0;
             start_sync(&d, name, full);
             what.push(format!(
                 "{name} {}",
@@ -231,10 +231,14 @@ fn crash_soak_both_platforms() {
             ));
         }
         let delay_ms = match kind {
-            Kill::MidSync => rng.range(0, 700),
-            Kill::Shutdown => rng.range(0, 400),
+            Kill::MidSync => rng.range(0, 300),
+            Kill::Shutdown => rng.range(0, 250),
             Kill::Probe => rng.range(0, 25),
-            Kill::Rotate | Kill::Remove => rng.range(0, 60),
+            // The CLI starts, connects and the daemon probes (rotate) or
+            // cancels a sync (remove) first: spread the kill over all of it.
+            // Half the time early, while the CLI may still be connecting.
+            Kill::Rotate | Kill::Remove if rng.range(0, 2) == 0 => rng.range(0, 15),
+            Kill::Rotate | Kill::Remove => rng.range(0, 150),
         };
         let mut child = None;
         let mut rotate_to = None;
@@ -277,6 +281,17 @@ fn crash_soak_both_platforms() {
                 std::thread::sleep(Duration::from_millis(delay_ms));
             }
         }
+        // How many syncs were going just before (for the log; a daemon
+        // already draining may not answer).
+        let running = ["m1", "m2"]
+            .iter()
+            .filter(|n| {
+                d.try_http("GET", &format!("/v1/status?shop={n}"), None)
+                    .ok()
+                    .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                    .is_some_and(|v| !v["shops"][0]["sync"]["progress"].is_null())
+            })
+            .count();
         d.kill9();
         if let Some(mut c) = child {
             let _ = c.wait();
@@ -363,7 +378,7 @@ fn crash_soak_both_platforms() {
             assert_same(&format!("{when}: {name}"), &got, &p.items(sim, "default"));
         }
         log.push(format!(
-            "round {round}: {kind:?} after {delay_ms} ms; {}{}",
+            "round {round}: {kind:?} after {delay_ms} ms, {running} sync(s) running; {}{}",
             what.join("; "),
             if outcome.is_empty() {
                 String::new()
