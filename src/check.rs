@@ -751,4 +751,29 @@ mod tests {
         assert!(err.to_string().contains("no cobbyd database"), "{err}");
         assert!(!missing.path().join("state").exists());
     }
+
+    /// Regressions of the removal races: a probe ending after its shop was
+    /// removed wrote a health record for nobody; a job of a shop being
+    /// removed lost its lease before the record went (a crash in between
+    /// left a registered shop without that job).
+    #[test]
+    fn writes_racing_a_removal_leave_nothing_behind() {
+        let (_d, s) = state();
+        let (q, _) = Queue::open(s.clone()).unwrap();
+        let j = q.lease_due(u64::MAX).unwrap().unwrap();
+        // The shop is forgotten in memory: the job ends with no next run,
+        // but the record is still stored, so the lease stays.
+        q.complete(&j, None).unwrap();
+        let r = check(&s).unwrap();
+        assert!(r.ok(), "{}", render(&r));
+        assert_eq!(r.leased, 1);
+        q.unregister("a", true).unwrap();
+        s.finish_removal("a", true).unwrap();
+        let book = crate::probe::HealthBook::open(s.clone()).unwrap();
+        book.put("a", &crate::health::HealthRecord::default())
+            .unwrap();
+        let r = check(&s).unwrap();
+        assert!(r.ok(), "{}", render(&r));
+        assert!(r.health.is_empty() && r.jobs == 0 && r.mirrors.is_empty());
+    }
 }
