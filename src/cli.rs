@@ -10,7 +10,7 @@ use std::path::PathBuf;
 ///
 /// `cobbyd run` is the daemon (what systemd starts). Every other command is
 /// a client that talks to it over its control socket, except `check-config`,
-/// `demo`, `simulate`, `manpage` and `completions`.
+/// `check-state`, `demo`, `simulate`, `manpage` and `completions`.
 #[derive(Debug, Parser)]
 #[command(name = "cobbyd", version, about, long_about, propagate_version = true)]
 pub struct Cli {
@@ -33,6 +33,13 @@ pub enum Command {
     Run,
     /// Validate the configuration; exit 0, or 78 with `file: key: problem`.
     CheckConfig,
+    /// Check the state directory offline (the daemon stopped) and report
+    /// every broken invariant.
+    ///
+    /// Exit status: 0 consistent; 1 problems found; 2 the state cannot be
+    /// checked (a running daemon holds it, it is missing, or it was written
+    /// by a newer cobbyd); 78 configuration error.
+    CheckState(CheckStateArgs),
     /// Show the daemon's and every shop's health.
     ///
     /// Exit status: 0 every shop healthy; 1 running, some shop not healthy;
@@ -61,6 +68,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct CheckStateArgs {
+    /// Stable JSON for scripts instead of the text report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -131,36 +131,46 @@ impl Daemon {
         line
     }
 
-    /// Makes sure every shop has its recurring jobs pending (after start-up
-    /// and after `shop add`). Existing pending jobs keep their time (a shop
-    /// waiting out a backoff keeps waiting); missing ones get the shop's
-    /// slot in the coming interval (`spread`).
-    pub fn ensure_jobs(&self, shop: &str) -> Result<(), crate::store::StoreError> {
+    /// A shop's recurring jobs with their first due times: probe, sync, full
+    /// sync (in this order). A shop never probed (new, or added with
+    /// --no-verify) is probed now; otherwise each job gets the shop's slot
+    /// in the coming interval (`spread`). The first full reconcile comes
+    /// after about a full interval: the first sync reads the whole catalog.
+    pub fn first_jobs(&self, shop: &str) -> [(JobKind, u64); 3] {
         let cfg = self.config();
         let now = now_ms();
-        if self.queue.pending(shop, JobKind::Probe).is_none() {
-            // A shop never probed (added with --no-verify) is probed now.
-            let due = if self.health.get(shop).last_probe.is_none() {
-                now
-            } else {
-                spread::first_due_ms(shop, Recurring::Probe, now, cfg.probe.interval)
-            };
-            self.queue.schedule_at(shop, JobKind::Probe, due, true)?;
-        }
-        if self.queue.pending(shop, JobKind::Sync).is_none() {
-            let due = spread::first_due_ms(shop, Recurring::Sync, now, cfg.sync.interval);
-            self.queue.schedule_at(shop, JobKind::Sync, due, true)?;
-        }
-        if self.queue.pending(shop, JobKind::FullSync).is_none() {
-            // The first full reconcile comes after a full interval: the
-            // first incremental sync already reads the whole catalog.
-            let due = spread::next_due_ms(
-                shop,
-                Recurring::FullSync,
-                now + cfg.sync.full_interval.as_millis() as u64 / 2,
-                cfg.sync.full_interval,
-            );
-            self.queue.schedule_at(shop, JobKind::FullSync, due, true)?;
+        let probe = if self.health.get(shop).last_probe.is_none() {
+            now
+        } else {
+            spread::first_due_ms(shop, Recurring::Probe, now, cfg.probe.interval)
+        };
+        let full_ms = u64::try_from(cfg.sync.full_interval.as_millis()).unwrap_or(u64::MAX);
+        [
+            (JobKind::Probe, probe),
+            (
+                JobKind::Sync,
+                spread::first_due_ms(shop, Recurring::Sync, now, cfg.sync.interval),
+            ),
+            (
+                JobKind::FullSync,
+                spread::next_due_ms(
+                    shop,
+                    Recurring::FullSync,
+                    now.saturating_add(full_ms / 2),
+                    cfg.sync.full_interval,
+                ),
+            ),
+        ]
+    }
+
+    /// Makes sure every shop has its recurring jobs pending (at start-up;
+    /// `shop add` stores them with the record). Existing pending jobs keep
+    /// their time (a shop waiting out a backoff keeps waiting).
+    pub fn ensure_jobs(&self, shop: &str) -> Result<(), crate::store::StoreError> {
+        for (kind, due) in self.first_jobs(shop) {
+            if self.queue.pending(shop, kind).is_none() {
+                self.queue.schedule_at(shop, kind, due, true)?;
+            }
         }
         Ok(())
     }
@@ -280,6 +290,19 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         }
     };
     let flusher = store.spawn_flusher();
+    match store.finish_removals() {
+        Ok(shops) if !shops.is_empty() => {
+            tracing::warn!(shops = ?shops, "finished shop removals interrupted by a crash");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return store_failure(
+                "cannot finish an interrupted shop removal",
+                &e,
+                &cfg.daemon.state_dir,
+            );
+        }
+    }
     let built = (|| -> Result<Arc<Daemon>, crate::store::StoreError> {
         let (queue, recovered) = Queue::open(store.clone())?;
         if recovered > 0 {

@@ -47,6 +47,7 @@ fn dispatch(cli: Cli) -> u8 {
                 daemon::EX_CONFIG
             }
         },
+        Command::CheckState(a) => cobbyd::check::run(cli.config.as_deref(), a.json),
         Command::Manpage => {
             let man = clap_mangen::Man::new(Cli::command()).date(man_date());
             let mut out = std::io::stdout();

@@ -438,6 +438,173 @@ impl Mirror {
     }
 }
 
+/// What [`verify`] found in one store view's mirror.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    /// The checkpoint (`None`: none stored).
+    pub cursor: Option<Cursor>,
+    /// Index entries.
+    pub entries: u64,
+    /// Data keys.
+    pub docs: u64,
+    /// The newest `updated_at` stored.
+    pub newest: Option<String>,
+    /// Broken invariants, one line each.
+    pub problems: Vec<String>,
+    /// Facts worth telling that break nothing.
+    pub notes: Vec<String>,
+}
+
+/// Checks one store view's mirror offline (`cobbyd check-state`): every
+/// index entry decodes and points at a data key holding JSON of its hash,
+/// no two entries share a data key, no data key is unreferenced, the
+/// checkpoint parses and counts the entries, and the checkpoint is not
+/// ahead of the stored data as far as the layout tells (a Magento 2
+/// catch-up checkpoint names its last product: it must be stored, at that
+/// `updated_at` or later; a checkpoint over an empty mirror claims data
+/// that is not there). Reads only, never creates a tree.
+pub fn verify(store: &Store, shop: &str, store_code: &str) -> Result<Verified, StoreError> {
+    const SHOWN: usize = 5;
+    let mut v = Verified::default();
+    let index = store.existing_tree(&crate::store::products_tree_name(shop, store_code))?;
+    let docs = store.existing_tree(&crate::store::docs_tree_name(shop, store_code))?;
+    let key = cursor_key(shop, store_code);
+    v.cursor = match store.cursor().get(key.as_bytes())? {
+        None => None,
+        Some(c) => match serde_json::from_slice::<Cursor>(&c) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                v.problems
+                    .push(format!("checkpoint {key} does not parse: {e}"));
+                None
+            }
+        },
+    };
+    let mut seqs: HashMap<u64, String> = HashMap::new();
+    let mut unreadable = Vec::new();
+    let mut dangling = Vec::new();
+    let mut wrong_hash = Vec::new();
+    let mut shared = Vec::new();
+    let mut at_cursor: Option<String> = None;
+    let want = v.cursor.as_ref().and_then(|c| {
+        let catch_up = c.run.as_ref().is_some_and(|r| r.phase == "catch_up");
+        (catch_up && c.last_id > 0)
+            .then(|| c.updated_at.clone().map(|u| (u, c.last_id)))
+            .flatten()
+    });
+    if let Some(index) = &index {
+        for kv in index.iter() {
+            let (k, val) = kv?;
+            v.entries += 1;
+            let sku = String::from_utf8_lossy(&k).into_owned();
+            let Some(e) = decode(&val) else {
+                unreadable.push(sku);
+                continue;
+            };
+            if v.newest.as_deref().is_none_or(|n| e.updated_at > n) {
+                v.newest = Some(e.updated_at.to_string());
+            }
+            if let Some((_, id)) = &want
+                && e.id == *id
+            {
+                at_cursor = Some(e.updated_at.to_string());
+            }
+            if let Some(other) = seqs.insert(e.seq, sku.clone()) {
+                shared.push(format!("{other} and {sku} (data key {})", e.seq));
+            }
+            match docs.as_ref().map(|d| d.get(seq_key(e.seq))).transpose()? {
+                Some(Some(json)) if content_hash(&json) == e.hash => {}
+                Some(Some(_)) => wrong_hash.push(sku),
+                _ => dangling.push(sku),
+            }
+        }
+    }
+    let mut orphans = Vec::new();
+    if let Some(docs) = &docs {
+        for k in docs.iter().keys() {
+            let k = k?;
+            v.docs += 1;
+            match <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) {
+                Ok(seq) if seqs.contains_key(&seq) => {}
+                Ok(seq) => orphans.push(seq.to_string()),
+                Err(_) => orphans.push(format!("{:?} (not 8 bytes)", k.as_ref())),
+            }
+        }
+    }
+    let list = |what: &str, items: &[String]| {
+        let mut shown: Vec<&str> = items.iter().take(SHOWN).map(String::as_str).collect();
+        let more = items.len().saturating_sub(SHOWN);
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        shown.sort_unstable();
+        format!("{} {what}: {}{tail}", items.len(), shown.join(", "))
+    };
+    if !unreadable.is_empty() {
+        v.problems
+            .push(list("index entries this build cannot read", &unreadable));
+    }
+    if !dangling.is_empty() {
+        v.problems
+            .push(list("index entries without their data", &dangling));
+    }
+    if !wrong_hash.is_empty() {
+        v.problems.push(list(
+            "index entries whose data does not match their content hash",
+            &wrong_hash,
+        ));
+    }
+    if !shared.is_empty() {
+        v.problems
+            .push(list("data keys shared by two index entries", &shared));
+    }
+    if !orphans.is_empty() {
+        v.problems
+            .push(list("data keys no index entry points at", &orphans));
+    }
+    if let Some(c) = &v.cursor {
+        if c.products != v.entries {
+            v.problems.push(format!(
+                "the checkpoint counts {} products, the index holds {}",
+                c.products, v.entries
+            ));
+        }
+        if let Some(u) = &c.updated_at
+            && v.entries == 0
+        {
+            v.problems.push(format!(
+                "the checkpoint is at {u} but no product is stored (checkpoint ahead of the data)"
+            ));
+        }
+        if let Some((u, id)) = &want {
+            match &at_cursor {
+                Some(got) if got.as_str() >= u.as_str() => {}
+                Some(got) => v.problems.push(format!(
+                    "the checkpoint is at ({u}, id {id}) but that product is stored at {got} (checkpoint ahead of the data)"
+                )),
+                None => v.problems.push(format!(
+                    "the checkpoint is at ({u}, id {id}) but no product with id {id} is stored (checkpoint ahead of the data)"
+                )),
+            }
+        }
+        if let (Some(u), Some(n)) = (&c.updated_at, &v.newest)
+            && n < u
+        {
+            v.notes.push(format!(
+                "the checkpoint ({u}) is past the newest stored product ({n}): only right if the newest products were deleted"
+            ));
+        }
+    } else if v.entries > 0 {
+        v.problems.push(format!(
+            "{} products stored but no checkpoint (every page is stored with its checkpoint)",
+            v.entries
+        ));
+    }
+    Ok(v)
+}
+
 /// Rewrites every layout-1 mirror (schema 1) into layout 2. Idempotent:
 /// run again after a crash, it finishes the job. The caller records the
 /// new schema version once this returned.

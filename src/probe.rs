@@ -52,12 +52,38 @@ impl HealthBook {
         self.cache().get(shop).cloned().unwrap_or_default()
     }
 
-    /// Stores a record. Flushing is the caller's (batched) business.
+    /// Stores a record, if the shop is registered: a probe that ends after
+    /// its shop was removed leaves no health record behind (the check and
+    /// the write are one transaction with the record's removal).
+    /// Flushing is the caller's (batched) business.
     pub fn put(&self, shop: &str, rec: &HealthRecord) -> Result<(), StoreError> {
+        use sled::transaction::{TransactionError, Transactional};
         let v = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.store.health().insert(shop.as_bytes(), v)?;
-        self.cache().insert(shop.to_string(), rec.clone());
-        Ok(())
+        let r: Result<bool, TransactionError<()>> = (self.store.shops(), self.store.health())
+            .transaction(|(s, h)| {
+                if s.get(shop.as_bytes())?.is_none() {
+                    return Ok(false);
+                }
+                h.insert(shop.as_bytes(), v.as_slice())?;
+                Ok(true)
+            });
+        match r {
+            Ok(true) => {
+                self.cache().insert(shop.to_string(), rec.clone());
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => {
+                Err(StoreError::Corrupt("health write aborted".into()))
+            }
+        }
+    }
+
+    /// Forgets a shop's record in memory (its stored record went with the
+    /// shop's: [`crate::queue::Queue::unregister`]).
+    pub fn forget(&self, shop: &str) {
+        self.cache().remove(shop);
     }
 
     pub fn remove(&self, shop: &str) -> Result<(), StoreError> {

@@ -8,6 +8,7 @@
 
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
+use sled::transaction::{TransactionError, Transactional};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,49 @@ fn lease_key(seq: u64) -> [u8; 9] {
     k
 }
 
+/// Where a queue entry sits, as its key says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Pending { due_ms: u64, seq: u64 },
+    Leased { seq: u64 },
+}
+
+/// One raw entry of the `queue` tree, decoded as far as it goes (for
+/// `cobbyd check-state`).
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub key: Vec<u8>,
+    /// `None`: a key of no known shape.
+    pub slot: Option<Slot>,
+    /// The job, or why the value does not parse.
+    pub job: Result<Job, String>,
+}
+
+/// Every entry of the `queue` tree, in key order, without interpreting
+/// them (the checker does).
+pub fn raw_entries(store: &Store) -> Result<Vec<RawEntry>, StoreError> {
+    let mut out = Vec::new();
+    for item in store.queue().iter() {
+        let (k, v) = item?;
+        let slot = match (k.first(), k.len()) {
+            (Some(b'p'), 17) => Some(Slot::Pending {
+                due_ms: u64::from_be_bytes(k[1..9].try_into().unwrap_or_default()),
+                seq: u64::from_be_bytes(k[9..17].try_into().unwrap_or_default()),
+            }),
+            (Some(b'l'), 9) => Some(Slot::Leased {
+                seq: u64::from_be_bytes(k[1..9].try_into().unwrap_or_default()),
+            }),
+            _ => None,
+        };
+        out.push(RawEntry {
+            key: k.to_vec(),
+            slot,
+            job: serde_json::from_slice(&v).map_err(|e| e.to_string()),
+        });
+    }
+    Ok(out)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     to_ms(SystemTime::now())
@@ -75,6 +119,13 @@ pub fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+fn tx_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
+    }
 }
 
 /// The queue over the `queue` tree.
@@ -202,12 +253,19 @@ impl Queue {
     }
 
     /// Finishes a leased job and, atomically with that, schedules the next
-    /// occurrence of its kind.
+    /// occurrence of its kind. `None`: the shop is gone (or going): the
+    /// lease is dropped, unless the shop's record is still stored: then a
+    /// removal is in progress and deletes the lease with the record, in one
+    /// transaction (a crash before it requeues the job, so a shop that
+    /// stays registered keeps every job).
     pub fn complete(&self, job: &Job, next_due_ms: Option<u64>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         batch.remove(&lease_key(job.seq));
         let mut index = self.index();
         let shop_known = self.store.shops().contains_key(job.shop.as_bytes())?;
+        if next_due_ms.is_none() && shop_known {
+            return Ok(());
+        }
         let key = (job.shop.clone(), job.kind);
         let mut next_job = None;
         if let (Some(due), true) = (next_due_ms, shop_known) {
@@ -238,6 +296,113 @@ impl Queue {
         drop(index);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Registers a shop: its record (`shops` tree, `record` as the registry
+    /// encodes it) and its first jobs, in one transaction, so that a
+    /// registered shop always has its jobs and no job outlives its shop.
+    pub fn register(
+        &self,
+        shop: &str,
+        record: &[u8],
+        jobs: &[(JobKind, u64)],
+    ) -> Result<(), StoreError> {
+        let mut index = self.index();
+        let mut removes = Vec::new();
+        let mut new = Vec::new();
+        for &(kind, due_ms) in jobs {
+            if let Some(existing) = index.get(&(shop.to_string(), kind)) {
+                removes.push(existing.pending_key());
+            }
+            let job = Job {
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                shop: shop.to_string(),
+                kind,
+                due_ms,
+            };
+            let value = serde_json::to_vec(&job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            new.push((job, value));
+        }
+        let r: Result<(), TransactionError<()>> = (self.store.shops(), self.store.queue())
+            .transaction(|(s, q)| {
+                s.insert(shop.as_bytes(), record)?;
+                for k in &removes {
+                    q.remove(&k[..])?;
+                }
+                for (job, value) in &new {
+                    q.insert(&job.pending_key()[..], value.as_slice())?;
+                }
+                Ok(())
+            });
+        r.map_err(tx_error)?;
+        for (job, _) in new {
+            index.insert((shop.to_string(), job.kind), job);
+        }
+        drop(index);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Unregisters a shop in one transaction: its record, every job of it
+    /// (pending and leased), its health record and runs and, with `purge`,
+    /// its checkpoints, plus a marker for what a transaction cannot do
+    /// (dropping its scratch and, with `purge`, mirror trees:
+    /// [`Store::finish_removal`], also run at start-up after a crash). So a
+    /// crash leaves the shop registered with everything, or gone.
+    /// Returns the number of jobs removed.
+    pub fn unregister(&self, shop: &str, purge: bool) -> Result<usize, StoreError> {
+        let mut index = self.index();
+        let mut jobs = Vec::new();
+        for item in self.store.queue().iter() {
+            let (k, v) = item?;
+            if serde_json::from_slice::<Job>(&v).is_ok_and(|j| j.shop == shop) {
+                jobs.push(k);
+            }
+        }
+        let prefix = format!("{shop}/");
+        let runs: Vec<sled::IVec> = self
+            .store
+            .runs()
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        let cursors: Vec<sled::IVec> = if purge {
+            self.store
+                .cursor()
+                .scan_prefix(prefix.as_bytes())
+                .keys()
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let marker = crate::store::removing_key(shop);
+        let store = &self.store;
+        let r: Result<(), TransactionError<()>> = (
+            store.shops(),
+            store.queue(),
+            store.health(),
+            store.runs(),
+            store.cursor(),
+            store.meta(),
+        )
+            .transaction(|(s, q, h, r, c, m)| {
+                s.remove(shop.as_bytes())?;
+                h.remove(shop.as_bytes())?;
+                for k in &jobs {
+                    q.remove(k)?;
+                }
+                for k in &runs {
+                    r.remove(k)?;
+                }
+                for k in &cursors {
+                    c.remove(k)?;
+                }
+                m.insert(marker.as_slice(), &[u8::from(purge)][..])?;
+                Ok(())
+            });
+        r.map_err(tx_error)?;
+        index.retain(|(s, _), _| s != shop);
+        Ok(jobs.len())
     }
 
     /// Removes every job of a shop (pending and leased).

@@ -128,6 +128,28 @@ impl Registry {
         Ok(())
     }
 
+    /// A record as the `shops` tree stores it.
+    pub fn encode(rec: &ShopRecord) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Takes a record into memory that was stored elsewhere (with its jobs:
+    /// [`crate::queue::Queue::register`]).
+    pub fn remember(&self, rec: ShopRecord) {
+        let mut shops = self.shops();
+        self.clients().remove(&rec.name);
+        shops.insert(rec.name.clone(), rec);
+    }
+
+    /// Forgets a record in memory only (a removal in progress: nothing new
+    /// starts for the shop; the stored record goes with its jobs in
+    /// [`crate::queue::Queue::unregister`]).
+    pub fn forget(&self, name: &str) -> Option<ShopRecord> {
+        let mut shops = self.shops();
+        self.clients().remove(name);
+        shops.remove(name)
+    }
+
     /// Removes a record; true if it existed.
     pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
         let mut shops = self.shops();

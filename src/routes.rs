@@ -424,7 +424,26 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         err.details = Some(diagnosis(e, &rec));
         return Err(err);
     }
-    d.registry.put(rec.clone())?;
+    // The record and its jobs in one transaction: a crash never leaves a
+    // registered shop without its jobs. A shop that answers gets its first
+    // sync right away.
+    // A removal of this name that a failure left unfinished is finished
+    // first: its marker must not outlive the new registration.
+    if let Some((_, purge)) = d
+        .store
+        .pending_removals()?
+        .into_iter()
+        .find(|(n, _)| *n == rec.name)
+    {
+        d.store.finish_removal(&rec.name, purge)?;
+    }
+    let mut jobs = d.first_jobs(&rec.name);
+    if outcome.is_some() {
+        jobs[1].1 = now_ms();
+    }
+    d.queue
+        .register(&rec.name, &crate::registry::Registry::encode(&rec)?, &jobs)?;
+    d.registry.remember(rec.clone());
     if let Some(outcome) = &outcome {
         let delay = crate::scheduler::record_outcome(&d, &rec, outcome, &d.config().probe);
         d.queue.schedule(
@@ -432,10 +451,7 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
             JobKind::Probe,
             now_ms() + delay.as_millis() as u64,
         )?;
-        // A shop that answers gets its first sync right away.
-        d.queue.schedule(&rec.name, JobKind::Sync, now_ms())?;
     }
-    d.ensure_jobs(&rec.name)?;
     d.store.flush().await?;
     tracing::info!(shop = %rec.name, platform = %rec.platform, url = %rec.url, verified = !body.no_verify, "shop added");
     if rec.insecure_http() {
@@ -455,13 +471,27 @@ async fn remove_shop(
     if d.registry.get(&name).is_none() {
         return Err(ApiError::no_shop(&name));
     }
-    d.registry.remove(&name)?;
+    // Forgotten in memory first, so that nothing new starts for the shop;
+    // its running sync stops at its next page. Then the stored record goes
+    // with its jobs, health, runs (and checkpoints with --purge) in one
+    // transaction, and the trees are dropped after it (a crash before that
+    // is finished at the next start): a crash at any point leaves the shop
+    // registered with all it had, or gone without a trace.
+    let Some(rec) = d.registry.forget(&name) else {
+        return Err(ApiError::no_shop(&name));
+    };
     d.syncs
         .cancel(&name, d.config().daemon.shutdown_timeout)
         .await;
-    let jobs = d.queue.remove_shop(&name)?;
-    d.health.remove(&name)?;
-    crate::sync::forget_shop(&d.store, &name, q.purge)?;
+    let jobs = match d.queue.unregister(&name, q.purge) {
+        Ok(n) => n,
+        Err(e) => {
+            d.registry.remember(rec);
+            return Err(e.into());
+        }
+    };
+    d.health.forget(&name);
+    d.store.finish_removal(&name, q.purge)?;
     d.store.flush().await?;
     tracing::info!(shop = %name, purge = q.purge, jobs, "shop removed");
     d.changed.notify_one();

@@ -204,6 +204,26 @@ impl Store {
     /// Opens (creating if needed) the database in `dir`. Fails at once,
     /// naming the directory, when another process holds it.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        Self::open_with(dir, cache_mb, true)
+    }
+
+    /// Opens an existing state directory as it is, for `cobbyd
+    /// check-state`: the same lock (so never while a daemon runs), but no
+    /// directory created, no schema written, no migration.
+    pub fn open_existing(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        if !dir.join("db").is_dir() {
+            return Err(StoreError::Io {
+                dir: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no cobbyd database here (is daemon.state_dir right?)",
+                ),
+            });
+        }
+        Self::open_with(dir, cache_mb, false)
+    }
+
+    fn open_with(dir: &Path, cache_mb: u64, upgrade: bool) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io {
             dir: dir.to_path_buf(),
             source,
@@ -288,6 +308,7 @@ impl Store {
             }),
         };
         match found {
+            _ if !upgrade => {}
             Some(SCHEMA_VERSION) => {}
             None => {
                 store
@@ -317,6 +338,87 @@ impl Store {
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The schema version recorded in `meta` (`None`: none recorded).
+    pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        match self.inner.meta.get(SCHEMA_KEY)? {
+            None => Ok(None),
+            Some(v) => <[u8; 4]>::try_from(v.as_ref())
+                .map(|b| Some(u32::from_be_bytes(b)))
+                .map_err(|_| StoreError::Corrupt("meta.schema_version is not 4 bytes".into())),
+        }
+    }
+
+    /// The names of every tree of the database (sled's default tree
+    /// included), for `cobbyd check-state`.
+    pub fn tree_names(&self) -> Vec<String> {
+        self.inner
+            .db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    }
+
+    /// Opens a tree by name without creating it: `None` if it does not
+    /// exist (for `cobbyd check-state`, which must not add trees).
+    pub fn existing_tree(&self, name: &str) -> Result<Option<sled::Tree>, StoreError> {
+        if self
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n == name.as_bytes())
+        {
+            Ok(Some(self.inner.db.open_tree(name)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Shops whose removal was recorded (one transaction with the record)
+    /// but whose trees may not all be dropped yet: (name, purge).
+    pub fn pending_removals(&self) -> Result<Vec<(String, bool)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.meta.scan_prefix(REMOVING_PREFIX) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[REMOVING_PREFIX.len()..]).into_owned();
+            out.push((name, v.first() == Some(&1)));
+        }
+        Ok(out)
+    }
+
+    /// Finishes the removal of a shop: drops its scratch trees and, with
+    /// `purge`, its mirror trees, then clears the removal marker. Idempotent;
+    /// run after the removal transaction and, for removals a crash
+    /// interrupted, at start-up ([`Store::finish_removals`]).
+    pub fn finish_removal(&self, shop: &str, purge: bool) -> Result<(), StoreError> {
+        let mut prefixes = vec![
+            format!("scratch:seen:{shop}:"),
+            format!("scratch:refetch:{shop}:"),
+        ];
+        if purge {
+            prefixes.push(format!("products:{shop}:"));
+            prefixes.push(format!("docs:{shop}:"));
+        }
+        for name in self.inner.db.tree_names() {
+            if prefixes.iter().any(|p| name.starts_with(p.as_bytes())) {
+                self.inner.db.drop_tree(&name)?;
+            }
+        }
+        self.inner.meta.remove(removing_key(shop))?;
+        Ok(())
+    }
+
+    /// Finishes every removal a crash interrupted (at start-up, before any
+    /// shop can be added again). Returns the shops concerned.
+    pub fn finish_removals(&self) -> Result<Vec<String>, StoreError> {
+        let pending = self.pending_removals()?;
+        for (shop, purge) in &pending {
+            self.finish_removal(shop, *purge)?;
+        }
+        Ok(pending.into_iter().map(|(s, _)| s).collect())
     }
 
     /// name → shop record.
@@ -526,6 +628,16 @@ fn record_problem(slot: &watch::Sender<Option<StorageProblem>>, p: StorageProble
         *cur = Some(p);
         true
     });
+}
+
+const REMOVING_PREFIX: &[u8] = b"removing:";
+
+/// `meta` key marking a shop removal whose trees are still to drop; its
+/// value is `[1]` with `--purge`, `[0]` without.
+pub fn removing_key(shop: &str) -> Vec<u8> {
+    let mut k = REMOVING_PREFIX.to_vec();
+    k.extend_from_slice(shop.as_bytes());
+    k
 }
 
 /// `products:{shop}:{store}` (the SKU index); names and codes cannot

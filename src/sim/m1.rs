@@ -192,8 +192,10 @@ fn dispatch(inner: &Inner, method: &str, params: &[Value]) -> Result<Value, Faul
             ) else {
                 return Err(signature_mismatch());
             };
-            let creds = &inner.cfg.credentials;
-            if user != creds.api_user || key != creds.api_key {
+            let ok = super::read(&inner.accepted)
+                .iter()
+                .any(|c| user == c.api_user && key == c.api_key);
+            if !ok {
                 bump(&c.auth_failures);
                 return Err(access_denied());
             }

@@ -132,7 +132,7 @@ fn unix_now() -> u64 {
 /// Checks the `Authorization` header of a request for a route protected by
 /// `resource`. `Err` carries the answer to send.
 fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Result<(), Box<Resp>> {
-    let creds = &inner.cfg.credentials;
+    let accepted = super::read(&inner.accepted).clone();
     let header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -145,7 +145,9 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
     };
     if scheme_is("bearer ") {
         let token = header[7..].trim();
-        if inner.bearer.load(std::sync::atomic::Ordering::Relaxed) && token == creds.access_token {
+        if inner.bearer.load(std::sync::atomic::Ordering::Relaxed)
+            && accepted.iter().any(|c| token == c.access_token)
+        {
             return Ok(());
         }
         return fail(not_authorized(resource));
@@ -173,13 +175,13 @@ fn authenticate(inner: &Inner, req: &Request<Incoming>, resource: &str) -> Resul
             Some(json!([p.signature_method])),
         ));
     }
-    if p.consumer_key != creds.consumer_key {
+    let Some(creds) = accepted.iter().find(|c| c.consumer_key == p.consumer_key) else {
         return fail(error(
             401,
             "A consumer having the specified key does not exist",
             None,
         ));
-    }
+    };
     if p.token != creds.access_token {
         return fail(error(401, "Specified token does not exist", None));
     }

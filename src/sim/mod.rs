@@ -276,6 +276,9 @@ fn bump(a: &AtomicU64) {
 /// State shared by the handle, the listeners and every request.
 struct Inner {
     cfg: SimConfig,
+    /// The credentials accepted now (`cfg.credentials` at start; tests of
+    /// rotation change them with [`SimHandle::accept_credentials`]).
+    accepted: RwLock<Vec<SimCredentials>>,
     port: u16,
     control_port: u16,
     catalog: RwLock<Catalog>,
@@ -348,6 +351,7 @@ impl SimHandle {
         let control_port = control.local_addr()?.port();
         let inner = Arc::new(Inner {
             bearer: AtomicBool::new(cfg.bearer_enabled),
+            accepted: RwLock::new(vec![cfg.credentials.clone()]),
             sessions: Mutex::new(m1::Sessions::new(cfg.session_timeout)),
             cfg,
             port,
@@ -392,6 +396,12 @@ impl SimHandle {
     /// The credentials the shop accepts.
     pub fn credentials(&self) -> &SimCredentials {
         &self.inner.cfg.credentials
+    }
+
+    /// Replaces the credentials the shop accepts (a key rotation in the
+    /// shop's admin): from now on only these sets authenticate.
+    pub fn accept_credentials(&self, sets: Vec<SimCredentials>) {
+        *write(&self.inner.accepted) = sets;
     }
 
     /// The configuration it was started with (ports as asked, not as bound).

@@ -694,37 +694,6 @@ pub fn recent_runs(store: &Store, shop: &str, n: usize) -> Result<Vec<RunRecord>
     Ok(out)
 }
 
-/// Forgets a removed shop's runs and scratch state; with `purge`, also its
-/// mirror and checkpoints.
-pub fn forget_shop(store: &Store, shop: &str, purge: bool) -> Result<(), StoreError> {
-    let prefix = format!("{shop}/");
-    for k in store.runs().scan_prefix(prefix.as_bytes()).keys() {
-        store.runs().remove(k?)?;
-    }
-    for what in ["seen", "refetch"] {
-        for code in store_codes_in_cursor(store, shop)? {
-            store.drop_scratch(&format!("{what}:{shop}:{code}"))?;
-        }
-    }
-    if purge {
-        for k in store.cursor().scan_prefix(prefix.as_bytes()).keys() {
-            store.cursor().remove(k?)?;
-        }
-        store.drop_products(shop)?;
-    }
-    Ok(())
-}
-
-fn store_codes_in_cursor(store: &Store, shop: &str) -> Result<Vec<String>, StoreError> {
-    let prefix = format!("{shop}/");
-    let mut out = Vec::new();
-    for k in store.cursor().scan_prefix(prefix.as_bytes()).keys() {
-        let k = k?;
-        out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-    }
-    Ok(out)
-}
-
 /// Full reconcile, last phase: removes every mirrored product whose SKU the
 /// listing did not see. Idempotent, so a resumed run simply walks again.
 pub async fn delete_unseen(

@@ -10,6 +10,7 @@ mod faults;
 mod operate;
 mod security;
 mod shops;
+mod soak;
 mod sync;
 mod sync_util;
 mod tls;
