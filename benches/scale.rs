@@ -378,23 +378,5 @@ fn run(args: &Args) -> Result<Value> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("scale bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&args) {
-        Ok(v) => {
-            if args.json {
-                println!("{v}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("scale bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    support::main("scale", parse_args, run, |a| a.json)
 }

@@ -515,23 +515,5 @@ fn run(args: &Args) -> Result<Value> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sync bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&args) {
-        Ok(v) => {
-            if args.json {
-                println!("{v}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("sync bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    support::main("sync", parse_args, run, |a| a.json)
 }

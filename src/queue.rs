@@ -193,6 +193,23 @@ impl Queue {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A job with the next sequence number, and its stored form.
+    fn new_job(
+        &self,
+        shop: &str,
+        kind: JobKind,
+        due_ms: u64,
+    ) -> Result<(Job, Vec<u8>), StoreError> {
+        let job = Job {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            shop: shop.to_string(),
+            kind,
+            due_ms,
+        };
+        let value = serde_json::to_vec(&job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((job, value))
+    }
+
     /// Makes sure a (shop, kind) job is pending at `due_ms`. An existing
     /// pending job is moved to the earlier of the two times when
     /// `earlier_only`, or to `due_ms` otherwise.
@@ -212,13 +229,7 @@ impl Queue {
             }
             batch.remove(&existing.pending_key());
         }
-        let job = Job {
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
-            shop: shop.to_string(),
-            kind,
-            due_ms,
-        };
-        let value = serde_json::to_vec(&job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (job, value) = self.new_job(shop, kind, due_ms)?;
         batch.insert(&job.pending_key(), value);
         self.store.queue().apply_batch(batch)?;
         index.insert(key, job.clone());
@@ -314,14 +325,7 @@ impl Queue {
             if let Some(existing) = index.get(&(shop.to_string(), kind)) {
                 removes.push(existing.pending_key());
             }
-            let job = Job {
-                seq: self.seq.fetch_add(1, Ordering::Relaxed),
-                shop: shop.to_string(),
-                kind,
-                due_ms,
-            };
-            let value = serde_json::to_vec(&job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            new.push((job, value));
+            new.push(self.new_job(shop, kind, due_ms)?);
         }
         let r: Result<(), TransactionError<()>> = (self.store.shops(), self.store.queue())
             .transaction(|(s, q)| {

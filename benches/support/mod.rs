@@ -239,3 +239,32 @@ pub fn percentile_ms(v: &[f64], p: f64) -> f64 {
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
+
+/// A benchmark's `main`: parses its arguments, runs it, prints the JSON
+/// report when asked; exit 2 for bad arguments, 1 for a failed run.
+pub fn main<A>(
+    name: &str,
+    parse: fn() -> Result<A>,
+    run: fn(&A) -> Result<Value>,
+    json: fn(&A) -> bool,
+) -> std::process::ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{name} bench: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(v) => {
+            if json(&args) {
+                println!("{v}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name} bench failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
