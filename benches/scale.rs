@@ -179,6 +179,8 @@ fn run(args: &Args) -> Result<Value> {
                             &url,
                             "--credentials-file",
                             "-",
+                            // The simulators speak plain http on loopback.
+                            "--allow-insecure-http",
                         ],
                         Some(&creds),
                     );
