@@ -45,6 +45,8 @@ const M2_PROBE: &str = "GET /V1/store/storeConfigs";
 const M1_PROBE: &str = "xmlrpc call core_magento.info";
 /// Products per simulated shop: small, this is about many shops.
 const PRODUCTS: usize = 20;
+/// How long every shop may take to be healthy and synced after the adds.
+const SETTLE_S: u64 = 120;
 
 struct Args {
     shops: usize,
@@ -228,10 +230,18 @@ fn run(args: &Args) -> Result<Value> {
         if ready == args.shops {
             break;
         }
-        if t.elapsed() > Duration::from_secs(600) {
+        if t.elapsed() > Duration::from_secs(SETTLE_S) {
+            let stuck: Vec<String> = shops
+                .iter()
+                .filter(|s| !(s["state"] == "healthy" && s["sync"]["last_run"]["outcome"] == "ok"))
+                .take(3)
+                .map(|s| s.to_string())
+                .collect();
             bail!(
-                "only {ready} of {} shops healthy and synced after 10 minutes",
-                args.shops
+                "only {ready} of {} shops healthy and synced after {SETTLE_S} s; for example:\n{}\n{}",
+                args.shops,
+                stuck.join("\n"),
+                d.log_tail()
             );
         }
         std::thread::sleep(Duration::from_millis(500));

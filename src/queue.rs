@@ -287,14 +287,7 @@ impl Queue {
                     if let Some(e) = existing {
                         batch.remove(&e.pending_key());
                     }
-                    let next = Job {
-                        seq: self.seq.fetch_add(1, Ordering::Relaxed),
-                        shop: job.shop.clone(),
-                        kind: job.kind,
-                        due_ms: due,
-                    };
-                    let value = serde_json::to_vec(&next)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let (next, value) = self.new_job(&job.shop, job.kind, due)?;
                     batch.insert(&next.pending_key(), value);
                     next_job = Some(next);
                 }

@@ -441,9 +441,17 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
     if outcome.is_some() {
         jobs[1].1 = now_ms();
     }
-    d.queue
-        .register(&rec.name, &crate::registry::Registry::encode(&rec)?, &jobs)?;
+    // Known in memory before its jobs exist: the scheduler may lease the
+    // first sync the moment it is stored, and a job whose shop it does not
+    // know is treated as the job of a removed shop.
     d.registry.remember(rec.clone());
+    if let Err(e) = d
+        .queue
+        .register(&rec.name, &crate::registry::Registry::encode(&rec)?, &jobs)
+    {
+        d.registry.forget(&rec.name);
+        return Err(e.into());
+    }
     if let Some(outcome) = &outcome {
         let delay = crate::scheduler::record_outcome(&d, &rec, outcome, &d.config().probe);
         d.queue.schedule(
