@@ -107,7 +107,7 @@ pub async fn serve(
 
 /// Serves one connection (HTTP/1.1, header timeout); the permit is its
 /// slot in the connection cap.
-async fn serve_connection<S>(
+pub(crate) async fn serve_connection<S>(
     stream: S,
     router: axum::Router,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -117,6 +117,9 @@ async fn serve_connection<S>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // A client that shuts down its writing side after the request
+        // (`nc -U`, a script) still gets the answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "control connection ended with an error");
