@@ -262,7 +262,12 @@ pub fn parse(
         };
         ConfigError {
             source_name,
-            key: if key == "." { "-".into() } else { key },
+            // `.` or nothing: the top level (e.g. the variable `COBBYD__`).
+            key: if key == "." || key.is_empty() {
+                "-".into()
+            } else {
+                key
+            },
             problem: clean_serde_message(&e.into_inner().to_string()),
         }
     })?;
@@ -410,6 +415,16 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         load_with_env(Some(f.path()), env)
+    }
+
+    /// Found by the `config` fuzz target: the variable `COBBYD__` (no key)
+    /// gave an error with an empty key (`environment COBBYD__: : ...`).
+    #[test]
+    fn env_without_a_key_is_named() {
+        let err = load_text("", &[("COBBYD__", "x")]).unwrap_err();
+        assert_eq!(err.source_name, "environment COBBYD__");
+        assert_eq!(err.key, "-");
+        assert!(err.problem.contains("unknown field"), "{err}");
     }
 
     #[test]

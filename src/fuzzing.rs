@@ -348,7 +348,7 @@ pub struct RawAnswer {
 }
 
 /// Parses the head of the first answer in `bytes`; `None` for no bytes.
-/// Panics when the bytes are not an HTTP/1.1 answer.
+/// Panics when the bytes are not an HTTP/1.x answer.
 pub fn parse_answer(bytes: &[u8]) -> Option<RawAnswer> {
     if bytes.is_empty() {
         return None;
@@ -363,9 +363,11 @@ pub fn parse_answer(bytes: &[u8]) -> Option<RawAnswer> {
     let status_line = lines.next().unwrap_or("");
     let status = status_line
         .strip_prefix("HTTP/1.1 ")
+        // An HTTP/1.0 request is answered in HTTP/1.0.
+        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
         .and_then(|s| s.get(..3))
         .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("not an HTTP/1.1 status line: {status_line:?}"));
+        .unwrap_or_else(|| panic!("not an HTTP/1.x status line: {status_line:?}"));
     let headers = lines
         .map(|l| {
             let (k, v) = l
