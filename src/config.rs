@@ -200,13 +200,41 @@ pub fn load_with_env(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => None,
         Err(e) => return Err(bad("-", format!("cannot read the file: {e}"))),
     };
+    let config = parse(&shown, text.as_deref(), env)?;
+    Ok(Loaded {
+        config,
+        path: text.map(|_| path),
+    })
+}
 
+/// Parses a configuration from its text (`None`: no file, defaults) and
+/// the environment; `shown` names the file in errors. No file system
+/// access: [`load_with_env`] reads the file, the fuzz targets call this.
+pub fn parse(
+    shown: &str,
+    text: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let bad = |key: &str, problem: String| ConfigError {
+        source_name: shown.to_string(),
+        key: key.to_string(),
+        problem,
+    };
     let env: std::collections::HashMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("COBBYD__"))
         .collect();
     let mut builder = config::Config::builder();
-    if let Some(text) = &text {
+    if let Some(text) = text {
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(bad(
+                "-",
+                format!(
+                    "file is {} bytes; a config is at most {MAX_CONFIG_BYTES}",
+                    text.len()
+                ),
+            ));
+        }
         // Parse with `toml` first: its errors carry line and column.
         if let Err(e) = text.parse::<toml::Table>() {
             return Err(bad(
@@ -230,19 +258,33 @@ pub fn load_with_env(
         let source_name = if env.contains_key(&env_name) {
             format!("environment {env_name}")
         } else {
-            shown.clone()
+            shown.to_string()
         };
         ConfigError {
             source_name,
-            key: if key == "." { "-".into() } else { key },
+            // `.` or nothing: the top level (e.g. the variable `COBBYD__`).
+            key: if key == "." || key.is_empty() {
+                "-".into()
+            } else {
+                key
+            },
             problem: clean_serde_message(&e.into_inner().to_string()),
         }
     })?;
-    validate(&config).map_err(|(key, problem)| bad(key, problem))?;
-    Ok(Loaded {
-        config,
-        path: text.map(|_| path),
-    })
+    validate(&config).map_err(|(key, problem)| {
+        // A value set by the environment is reported as coming from there.
+        let env_name = format!("COBBYD__{}", key.replace('.', "__").to_uppercase());
+        if env.contains_key(&env_name) {
+            ConfigError {
+                source_name: format!("environment {env_name}"),
+                key: key.to_string(),
+                problem,
+            }
+        } else {
+            bad(key, problem)
+        }
+    })?;
+    Ok(config)
 }
 
 /// The `config` crate appends its own location; keep serde's reason only.
@@ -373,6 +415,16 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         load_with_env(Some(f.path()), env)
+    }
+
+    /// Found by the `config` fuzz target: the variable `COBBYD__` (no key)
+    /// gave an error with an empty key (`environment COBBYD__: : ...`).
+    #[test]
+    fn env_without_a_key_is_named() {
+        let err = load_text("", &[("COBBYD__", "x")]).unwrap_err();
+        assert_eq!(err.source_name, "environment COBBYD__");
+        assert_eq!(err.key, "-");
+        assert!(err.problem.contains("unknown field"), "{err}");
     }
 
     #[test]

@@ -74,6 +74,38 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The shared state over an opened store, in [`Phase::Starting`]:
+    /// queue (requeuing leases left by a crash), registry, health book.
+    pub(crate) fn build(
+        cfg: Arc<Config>,
+        config_arg: Option<PathBuf>,
+        config_path: Option<PathBuf>,
+        store: Store,
+    ) -> Result<Arc<Daemon>, crate::store::StoreError> {
+        let (queue, recovered) = Queue::open(store.clone())?;
+        if recovered > 0 {
+            tracing::warn!(recovered, "requeued jobs left running by an earlier crash");
+        }
+        let registry = Registry::open(store.clone())?;
+        let health = HealthBook::open(store.clone())?;
+        let syncs = SyncManager::new(&cfg);
+        Ok(Arc::new(Daemon {
+            config: RwLock::new(cfg),
+            config_arg,
+            config_path: RwLock::new(config_path),
+            started: Instant::now(),
+            store,
+            queue,
+            registry,
+            health,
+            syncs,
+            metrics: crate::metrics::Metrics::default(),
+            phase: watch::channel(Phase::Starting).0,
+            changed: tokio::sync::Notify::new(),
+            admin: tokio::sync::Mutex::new(()),
+        }))
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config
@@ -90,7 +122,7 @@ impl Daemon {
         self.phase.subscribe()
     }
 
-    fn set_phase(&self, p: Phase) {
+    pub(crate) fn set_phase(&self, p: Phase) {
         self.phase.send_replace(p);
     }
 
@@ -303,30 +335,12 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
             );
         }
     }
-    let built = (|| -> Result<Arc<Daemon>, crate::store::StoreError> {
-        let (queue, recovered) = Queue::open(store.clone())?;
-        if recovered > 0 {
-            tracing::warn!(recovered, "requeued jobs left running by an earlier crash");
-        }
-        let registry = Registry::open(store.clone())?;
-        let health = HealthBook::open(store.clone())?;
-        let syncs = SyncManager::new(&cfg);
-        Ok(Arc::new(Daemon {
-            config: RwLock::new(cfg.clone()),
-            config_arg: config_arg.clone(),
-            config_path: RwLock::new(loaded.path.clone()),
-            started: Instant::now(),
-            store: store.clone(),
-            queue,
-            registry,
-            health,
-            syncs,
-            metrics: crate::metrics::Metrics::default(),
-            phase: watch::channel(Phase::Starting).0,
-            changed: tokio::sync::Notify::new(),
-            admin: tokio::sync::Mutex::new(()),
-        }))
-    })();
+    let built = Daemon::build(
+        cfg.clone(),
+        config_arg.clone(),
+        loaded.path.clone(),
+        store.clone(),
+    );
     let daemon = match built {
         Ok(d) => d,
         Err(e) => return store_failure("cannot load the state", &e, &cfg.daemon.state_dir),

@@ -10,6 +10,8 @@ pub mod control_client;
 pub mod daemon;
 pub mod demo;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod logging;
 pub mod magento;

@@ -47,7 +47,54 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
                 "no such route; see DESIGN.md for the API",
             )
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(daemon)
+}
+
+/// Longest rejection text kept when it is rewrapped as JSON.
+const MAX_REJECTION: usize = 4096;
+
+/// axum's own refusals (a path or query that does not deserialize, a method
+/// the route does not take) are plain text or empty: rewrapped in the API's
+/// `{"error": {kind, message}}` so that every error reads alike.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REJECTION)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let (kind, fallback) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not take that method; see DESIGN.md for the API",
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request too large"),
+        s if s.is_server_error() => ("internal", "internal error"),
+        _ => ("invalid", "invalid request"),
+    };
+    let message = if text.is_empty() {
+        fallback.to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, kind, message).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// Only `/metrics`, for the optional TCP listener.

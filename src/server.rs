@@ -145,6 +145,20 @@ struct Conns {
     open: BTreeMap<u64, Conn>,
 }
 
+/// Serves one connection outside any listener and its cap (the fuzzing
+/// harness drives the real connection code over an in-memory stream).
+pub(crate) async fn serve_standalone<S>(stream: S, router: axum::Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let table = Arc::new(Mutex::new(Conns {
+        next_id: 0,
+        open: BTreeMap::new(),
+    }));
+    let guard = ConnGuard { id: 0, table };
+    serve_connection(stream, router, Arc::new(AtomicUsize::new(0)), guard).await;
+}
+
 /// Removes a connection from the table when its task ends (or is aborted).
 struct ConnGuard {
     id: u64,
@@ -325,6 +339,9 @@ async fn serve_connection<S>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // A client that shuts down its writing side after the request
+        // (`nc -U`, a script) still gets the answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "control connection ended with an error");

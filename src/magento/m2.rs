@@ -129,15 +129,15 @@ pub struct RawProduct {
 }
 
 /// One HTTP exchange, before classification.
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
     /// True when the answer came from another URL (a followed redirect):
     /// an OAuth signature is then for the wrong URL.
-    redirected: bool,
+    pub(crate) redirected: bool,
     /// The URL that gave the answer.
-    url: url::Url,
+    pub(crate) url: url::Url,
 }
 
 impl M2Client {
@@ -212,13 +212,7 @@ impl M2Client {
     /// grants the catalog permission the sync needs (a one-item listing).
     pub async fn probe(&self, store_code: &str) -> Result<ProbeInfo, ShopError> {
         let body = self.get(store_code, "store/storeConfigs", &[]).await?;
-        serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body).map_err(|e| {
-            ShopError::new(
-                FailureKind::Protocol,
-                format!("storeConfigs did not answer a JSON list: {e}"),
-            )
-            .with_status(200)
-        })?;
+        check_store_configs(&body)?;
         let query = vec![
             pair("searchCriteria[pageSize]", "1"),
             pair("fields", "total_count"),
@@ -359,6 +353,20 @@ impl M2Client {
     }
 }
 
+/// The `storeConfigs` answer of a probe must be a JSON list (its content is
+/// not used).
+pub(crate) fn check_store_configs(body: &[u8]) -> Result<(), ShopError> {
+    serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(body)
+        .map(|_| ())
+        .map_err(|e| {
+            ShopError::new(
+                FailureKind::Protocol,
+                format!("storeConfigs did not answer a JSON list: {e}"),
+            )
+            .with_status(200)
+        })
+}
+
 fn pair(k: &str, v: &str) -> (String, String) {
     (k.to_string(), v.to_string())
 }
@@ -456,25 +464,38 @@ fn nonce() -> String {
         .collect()
 }
 
+/// Most `parameters` entries used to fill a message (Magento's messages
+/// have a handful).
+const MAX_PARAMS: usize = 100;
+
 /// Magento's placeholders filled as its `Phrase` renderer does (PHP
 /// `strtr`, longest placeholder first): `%1`, `%2`... from a `parameters`
 /// array, `%name` from a `parameters` object.
+///
+/// Bounded for hostile bodies: only the first [`MAX_PARAMS`] parameters and
+/// the first `8 * MAX_MESSAGE` bytes of `message` are used, and filling
+/// stops once the text is longer than `MAX_MESSAGE` bytes (the caller cuts
+/// it there anyway). Without the bounds, `"%1%1..."` with a long `%1` grows
+/// quadratically and many parameters make every character a long scan.
 pub fn fill_placeholders(message: &str, params: Option<&serde_json::Value>) -> String {
+    let message = cut(message, 8 * MAX_MESSAGE);
     let pairs: Vec<(String, String)> = match params {
         Some(serde_json::Value::Array(a)) => a
             .iter()
+            .take(MAX_PARAMS)
             .enumerate()
             .map(|(i, v)| (format!("%{}", i + 1), php_string(v)))
             .collect(),
         Some(serde_json::Value::Object(o)) => o
             .iter()
+            .take(MAX_PARAMS)
             .map(|(k, v)| (format!("%{k}"), php_string(v)))
             .collect(),
         _ => return message.to_string(),
     };
-    let mut out = String::with_capacity(message.len());
+    let mut out = String::with_capacity(message.len().min(2 * MAX_MESSAGE));
     let mut rest = message;
-    while !rest.is_empty() {
+    while !rest.is_empty() && out.len() <= MAX_MESSAGE {
         let best = pairs
             .iter()
             .filter(|(k, _)| rest.starts_with(k.as_str()))
@@ -494,9 +515,21 @@ pub fn fill_placeholders(message: &str, params: Option<&serde_json::Value>) -> S
     out
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A parameter as PHP would print it, at most `2 * MAX_MESSAGE` bytes
+/// (more can never show).
 fn php_string(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => cut(s, 2 * MAX_MESSAGE).to_string(),
         serde_json::Value::Null => String::new(),
         serde_json::Value::Bool(b) => if *b { "1" } else { "" }.to_string(),
         other => other.to_string(),
@@ -505,11 +538,8 @@ fn php_string(v: &serde_json::Value) -> String {
 
 fn truncate(mut s: String) -> String {
     if s.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
+        let end = cut(&s, MAX_MESSAGE).len();
+        s.truncate(end);
         s.push('…');
     }
     s
@@ -517,14 +547,14 @@ fn truncate(mut s: String) -> String {
 
 /// The person-readable message of a Magento JSON error body, placeholders
 /// filled; `None` when the body is not one.
-fn magento_message(body: &[u8]) -> Option<String> {
+pub(crate) fn magento_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let msg = v.get("message")?.as_str()?;
     Some(truncate(fill_placeholders(msg, v.get("parameters"))))
 }
 
 /// Sorts an answer into data (`Ok`) or a classified failure.
-fn classify(a: &Answer) -> Result<(), ShopError> {
+pub(crate) fn classify(a: &Answer) -> Result<(), ShopError> {
     let shape = http::shape(&a.body);
     let is_json = shape == Shape::Json;
     let retry = http::retry_after(&a.headers);
@@ -539,8 +569,9 @@ fn classify(a: &Answer) -> Result<(), ShopError> {
     let status = a.status;
     // Only failures carry a message; a 2xx body is a product page (parsed
     // once, by the caller), not something to parse twice.
+    // An empty message says nothing: treated as none.
     let msg = if is_json && !(200..=299).contains(&status) {
-        magento_message(&a.body)
+        magento_message(&a.body).filter(|m| !m.trim().is_empty())
     } else {
         None
     };
@@ -681,7 +712,7 @@ fn required_keys(fields: Option<&str>) -> [bool; 3] {
 }
 
 /// Parses a listing answer: `total_count` (required) and each item's keys.
-fn parse_page(body: &Bytes, fields: Option<&str>) -> Result<ProductPage, ShopError> {
+pub(crate) fn parse_page(body: &Bytes, fields: Option<&str>) -> Result<ProductPage, ShopError> {
     let proto = |m: String| ShopError::new(FailureKind::Protocol, m).with_status(200);
     let page: PageBody = serde_json::from_slice(body)
         .map_err(|e| proto(format!("malformed product listing: {e}")))?;

@@ -215,9 +215,15 @@ fn base_url(url: &url::Url) -> String {
 }
 
 /// Sorts already-encoded pairs (natural order by name, then value) and
-/// builds `METHOD&enc(url)&enc(normalized)`.
+/// builds `METHOD&enc(url)&enc(normalized)`. Names natural order calls
+/// equal (`0` and `00`: leading zeros are skipped) fall back to byte order,
+/// so the result never depends on the order the pairs came in.
 fn assemble(method: &str, url: &url::Url, mut pairs: Vec<(String, String)>) -> String {
-    pairs.sort_by(|a, b| natural_cmp(&a.0, &b.0).then_with(|| natural_cmp(&a.1, &b.1)));
+    pairs.sort_by(|a, b| {
+        natural_cmp(&a.0, &b.0)
+            .then_with(|| natural_cmp(&a.1, &b.1))
+            .then_with(|| a.cmp(b))
+    });
     let normalized = pairs
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -458,6 +464,19 @@ mod tests {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    /// Found by the `oauth` fuzz target: names that natural order calls
+    /// equal (leading zeros) were left in input order.
+    #[test]
+    fn base_string_independent_of_order_for_naturally_equal_names() {
+        let url = u("http://shop.example/rest/V1/products");
+        let p = pairs(&[("0", ""), ("0000000000", ""), ("00", "1")]);
+        let mut rev = p.clone();
+        rev.reverse();
+        let base = base_string("GET", &url, &p);
+        assert_eq!(base, base_string("GET", &url, &rev));
+        assert!(base.ends_with("&0%3D%260000000000%3D%2600%3D1"), "{base}");
     }
 
     #[test]

@@ -369,8 +369,8 @@ fn excerpt(s: &str) -> String {
 
 fn describe(t: &Tok) -> String {
     match t {
-        Tok::Start(n) => format!("<{n}>"),
-        Tok::End(n) => format!("</{n}>"),
+        Tok::Start(n) => format!("<{}>", excerpt(n)),
+        Tok::End(n) => format!("</{}>", excerpt(n)),
         Tok::Text(s) => format!("text {:?}", excerpt(s.trim())),
         Tok::Eof => "end of document".to_string(),
     }
@@ -392,10 +392,17 @@ impl<'a> Parser<'a> {
         Ok(Parser { r, peeked: None })
     }
 
+    /// quick-xml's message quotes element names whole: cut it.
     fn xml_err(&self, e: impl std::fmt::Display) -> XmlRpcError {
+        const MAX: usize = 200;
+        let mut message = e.to_string();
+        if message.chars().count() > MAX {
+            message = message.chars().take(MAX).collect();
+            message.push('…');
+        }
         XmlRpcError::Xml {
             position: self.r.error_position(),
-            message: e.to_string(),
+            message,
         }
     }
 
@@ -477,7 +484,11 @@ impl<'a> Parser<'a> {
                 Tok::Start(n) => {
                     if !text.trim().is_empty() {
                         return Err(XmlRpcError::Unexpected {
-                            found: format!("text {:?} before <{n}>", excerpt(text.trim())),
+                            found: format!(
+                                "text {:?} before <{}>",
+                                excerpt(text.trim()),
+                                excerpt(&n)
+                            ),
                             context: "value".into(),
                         });
                     }
@@ -534,7 +545,7 @@ impl<'a> Parser<'a> {
             }
             _ => {
                 return Err(XmlRpcError::Unexpected {
-                    found: format!("unknown type <{ty}>"),
+                    found: format!("unknown type <{}>", excerpt(&ty)),
                     context: "value".into(),
                 });
             }
