@@ -371,7 +371,7 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
             "is longer than the 107 bytes a Unix socket path may have".into(),
         ));
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&c.daemon.log_level) {
+    if let Err(e) = crate::logging::parse_filter(&c.daemon.log_level) {
         return Err((
             "daemon.log_level",
             format!("is not a log filter ({e}); use e.g. \"info\" or \"cobbyd=debug,warn\""),

@@ -14,13 +14,35 @@ pub struct LogHandle {
     env_override: bool,
 }
 
+/// Parses a log filter (`daemon.log_level`, `RUST_LOG`). Log filters are
+/// ASCII; anything else is refused here because tracing-subscriber 0.3's
+/// directive parser slices at byte offsets and panics on a multi-byte
+/// character (found by the `config` fuzz target).
+pub fn parse_filter(s: &str) -> Result<EnvFilter, String> {
+    if s.len() > 4096 {
+        return Err(format!(
+            "{} bytes long; a log filter is at most 4096",
+            s.len()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(format!("contains {c:?}; a log filter is plain ASCII"));
+    }
+    EnvFilter::builder().parse(s).map_err(|e| e.to_string())
+}
+
+/// `RUST_LOG`, when set and not empty.
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty())
+}
+
 impl LogHandle {
     /// Applies `daemon.log_level` unless `RUST_LOG` is set (it wins).
     pub fn set_level(&self, level: &str) {
         if self.env_override {
             return;
         }
-        match EnvFilter::builder().parse(level) {
+        match parse_filter(level) {
             Ok(f) => {
                 if let Err(e) = self.reload.reload(f) {
                     tracing::warn!(error = %e, "could not change the log level");
@@ -47,10 +69,9 @@ fn stderr_is_journal() -> bool {
 
 /// Installs the global subscriber for the daemon.
 pub fn init_daemon(level: &str) -> LogHandle {
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+    let rust_log = rust_log();
     let env_override = rust_log.is_some();
-    let filter = EnvFilter::builder()
-        .parse(rust_log.as_deref().unwrap_or(level))
+    let filter = parse_filter(rust_log.as_deref().unwrap_or(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, reload) = reload::Layer::new(filter);
     let journal = if stderr_is_journal() {
@@ -87,11 +108,28 @@ pub fn init_daemon(level: &str) -> LogHandle {
 
 /// For client commands: warnings and errors only, to stderr.
 pub fn init_client() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = rust_log()
+        .and_then(|s| parse_filter(&s).ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_with_multibyte_characters_are_refused_not_a_panic() {
+        // The fuzz target's input: tracing-subscriber panicked on it.
+        let e = parse_filter("rob \u{f1}\u{f1}[\u{f1}es\"").unwrap_err();
+        assert!(e.contains("plain ASCII"), "{e}");
+        assert!(parse_filter("info").is_ok());
+        assert!(parse_filter("cobbyd=debug,warn").is_ok());
+        assert!(parse_filter(&"a".repeat(5000)).is_err());
+    }
 }
