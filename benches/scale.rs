@@ -64,40 +64,28 @@ fn parse_args() -> Result<Args> {
         rounds: 2,
         json: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n.to_string(), Some(v.to_string())),
-            None => (arg.clone(), None),
-        };
-        let mut number = |what: &str| -> Result<u64> {
-            let v = match inline.clone() {
-                Some(v) => v,
-                None => it
-                    .next()
-                    .with_context(|| format!("{what} needs a value\n{USAGE}"))?,
-            };
+    support::each_arg(USAGE, |name, value| {
+        let mut number = || -> Result<u64> {
+            let v = value()?;
             let n: u64 = v
                 .trim()
                 .parse()
-                .with_context(|| format!("{what}: not a whole number: {v:?}\n{USAGE}"))?;
+                .with_context(|| format!("{name}: not a whole number: {v:?}\n{USAGE}"))?;
             if n == 0 {
-                bail!("{what} must be at least 1\n{USAGE}");
+                bail!("{name} must be at least 1\n{USAGE}");
             }
             Ok(n)
         };
-        match name.as_str() {
-            "--shops" => a.shops = number("--shops")? as usize,
-            "--sims" => a.sims = number("--sims")? as usize,
-            "--interval" => a.interval_s = number("--interval")?,
-            "--rounds" => a.rounds = number("--rounds")?,
+        match name {
+            "--shops" => a.shops = number()? as usize,
+            "--sims" => a.sims = number()? as usize,
+            "--interval" => a.interval_s = number()?,
+            "--rounds" => a.rounds = number()?,
             "--json" => a.json = true,
-            // cargo bench passes --bench to harness=false targets.
-            "--bench" => {}
-            "-h" | "--help" => bail!("{USAGE}"),
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok(a)
 }
 

@@ -70,31 +70,15 @@ fn parse_args() -> Result<Args> {
         page_size: 200,
         json: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n.to_string(), Some(v.to_string())),
-            None => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String> {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| anyhow!("{name} needs a value\n{USAGE}"))
-        };
-        match name.as_str() {
+    support::each_arg(USAGE, |name, value| {
+        match name {
             "--products" => a.products = usize::try_from(parse_count(&value()?)?)?,
             "--page-size" => a.page_size = u32::try_from(parse_count(&value()?)?)?,
             "--json" => a.json = true,
-            // cargo passes --bench to every bench binary.
-            "--bench" => {}
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if a.products == 0 {
         bail!("--products must be at least 1");
     }

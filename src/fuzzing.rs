@@ -158,6 +158,7 @@ pub fn check_m2(data: &[u8]) {
             headers: HeaderMap::new(),
             body: body.clone(),
             redirected: status == 401,
+            // A constant that parses: the expect cannot fire.
             url: url::Url::parse("http://127.0.0.1/rest/default/V1/products")
                 .expect("a constant, valid URL"),
         };

@@ -86,12 +86,6 @@ impl HealthBook {
         self.cache().remove(shop);
     }
 
-    pub fn remove(&self, shop: &str) -> Result<(), StoreError> {
-        self.store.health().remove(shop.as_bytes())?;
-        self.cache().remove(shop);
-        Ok(())
-    }
-
     /// Counts of shops per state, for the systemd status line and metrics.
     pub fn count_states(&self, shops: &[String]) -> Vec<(ShopState, usize)> {
         let cache = self.cache();

@@ -402,7 +402,9 @@ impl Queue {
         Ok(jobs.len())
     }
 
-    /// Removes every job of a shop (pending and leased).
+    /// Removes every job of a shop (pending and leased). Only the tests
+    /// use it: `shop remove` goes through [`Queue::unregister`].
+    #[cfg(test)]
     pub fn remove_shop(&self, shop: &str) -> Result<usize, StoreError> {
         let mut index = self.index();
         index.retain(|(s, _), _| s != shop);

@@ -150,14 +150,6 @@ impl Registry {
         shops.remove(name)
     }
 
-    /// Removes a record; true if it existed.
-    pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
-        let mut shops = self.shops();
-        self.store.shops().remove(name.as_bytes())?;
-        self.clients().remove(name);
-        Ok(shops.remove(name).is_some())
-    }
-
     /// The shared client of a shop, built on first use.
     pub fn client(&self, rec: &ShopRecord, opts: &ClientOptions) -> Result<ShopClient, ShopError> {
         if let Some(c) = self.clients().get(&rec.name) {

@@ -268,3 +268,37 @@ pub fn main<A>(
         }
     }
 }
+
+/// Reads `--name value` / `--name=value` arguments: `f(name, value)` applies
+/// one (`value` fetches its value) and says whether it knew the name.
+/// `--bench` (which cargo passes) is skipped; `--help` prints `usage`.
+pub fn each_arg(
+    usage: &str,
+    mut f: impl FnMut(&str, &mut dyn FnMut() -> Result<String>) -> Result<bool>,
+) -> Result<()> {
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        match name.as_str() {
+            "--bench" => continue,
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            _ => {}
+        }
+        let mut value = || -> Result<String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| anyhow!("{name} needs a value\n{usage}"))
+        };
+        if !f(&name, &mut value)? {
+            bail!("unknown argument {name:?}\n{usage}");
+        }
+    }
+    Ok(())
+}
