@@ -9,7 +9,7 @@ use crate::control_client::{Answer, Client, ClientError};
 use crate::shop::{AuthMode, Credentials, Platform};
 use hyper::Method;
 use serde_json::{Value, json};
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
@@ -326,34 +326,30 @@ pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
 
 /// Reads credentials from a file or `-` (stdin), bounded.
 pub fn read_credentials(path: &Path) -> Result<String, String> {
-    let mut text = String::new();
+    use crate::bounded::ReadError;
+    let too_large =
+        || format!("credentials: more than {MAX_CREDENTIALS} bytes; is this the right file?");
     if path == Path::new("-") {
-        std::io::stdin()
-            .take(MAX_CREDENTIALS + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| format!("reading credentials from standard input: {e}"))?;
-    } else {
-        let f = std::fs::File::open(path)
-            .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
-        if let Ok(meta) = f.metadata() {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
-                eprintln!(
-                    "cobbyd: warning: {} is readable by other users; `chmod 600` it",
-                    path.display()
-                );
+        return crate::bounded::read_stream_text(std::io::stdin(), MAX_CREDENTIALS).map_err(|e| {
+            match e {
+                ReadError::TooLarge { .. } => too_large(),
+                e => format!("reading credentials from standard input: {e}"),
             }
+        });
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "cobbyd: warning: {} is readable by other users; `chmod 600` it",
+                path.display()
+            );
         }
-        f.take(MAX_CREDENTIALS + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
     }
-    if text.len() as u64 > MAX_CREDENTIALS {
-        return Err(format!(
-            "credentials: more than {MAX_CREDENTIALS} bytes; is this the right file?"
-        ));
-    }
-    Ok(text)
+    crate::bounded::read_text(path, MAX_CREDENTIALS).map_err(|e| match e {
+        ReadError::TooLarge { .. } => too_large(),
+        e => format!("credentials file {}: {e}", path.display()),
+    })
 }
 
 /// Validates credentials locally (clear errors before any network) and

@@ -183,21 +183,23 @@ pub fn load_with_env(
         key: key.to_string(),
         problem,
     };
-    let text = match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() > MAX_CONFIG_BYTES => {
+    // Read under the cap whatever the path is (a device such as /dev/zero
+    // reports size 0 and never ends).
+    let text = match crate::bounded::read_text(&path, MAX_CONFIG_BYTES) {
+        Ok(text) => Some(text),
+        Err(crate::bounded::ReadError::Io(e))
+            if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() =>
+        {
+            None
+        }
+        Err(crate::bounded::ReadError::TooLarge { .. }) => {
             return Err(bad(
                 "-",
                 format!(
-                    "file is {} bytes; a config is at most {MAX_CONFIG_BYTES}",
-                    meta.len()
+                    "the file is larger than {MAX_CONFIG_BYTES} bytes, the most a config may be"
                 ),
             ));
         }
-        Ok(_) => Some(
-            std::fs::read_to_string(&path)
-                .map_err(|e| bad("-", format!("cannot read the file: {e}")))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => None,
         Err(e) => return Err(bad("-", format!("cannot read the file: {e}"))),
     };
     let config = parse(&shown, text.as_deref(), env)?;

@@ -104,8 +104,12 @@ pub fn parse_m2_page(
     data: &[u8],
     fields: Option<&str>,
 ) -> Result<m2::ProductPage, crate::magento::ShopError> {
-    m2::parse_page(&Bytes::copy_from_slice(data), fields)
+    m2::parse_page(&Bytes::copy_from_slice(data), fields, FUZZ_PAGE_SIZE)
 }
+
+/// The page size the listing parsers are given: larger than any page the
+/// properties build.
+const FUZZ_PAGE_SIZE: usize = 10_000;
 
 /// The `fields` values the sync sends, and none.
 const FIELDS: [Option<&str>; 4] = [
@@ -131,7 +135,7 @@ fn check_shop_error(e: &crate::magento::ShopError) {
 pub fn check_m2(data: &[u8]) {
     let body = Bytes::copy_from_slice(data);
     for fields in FIELDS {
-        match m2::parse_page(&body, fields) {
+        match m2::parse_page(&body, fields, FUZZ_PAGE_SIZE) {
             Ok(page) => {
                 assert_eq!(page.body_bytes, data.len());
                 for item in &page.items {

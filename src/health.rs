@@ -155,7 +155,13 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
             "The Magento 1 API session expired and logging in again failed: check api/config/session_timeout and the API user."
         }
         Protocol => {
-            "The shop's answer was malformed or cut off: a proxy, a PHP error or a broken module may corrupt API answers; look at the shop's logs."
+            "The shop's answer was not a usable API answer (the message says how: malformed, cut off, more items than asked for, text before it, or no HTTP answer at all). Text before the answer is a PHP notice shown to API clients (turn display_errors off, fix the code it names) or a byte order mark or blank line outside <?php in a PHP file; otherwise look at the shop's web server and PHP logs and at any proxy in front of it."
+        }
+        TooLarge if m2 => {
+            "An answer was larger than sync.max_response_mb: lower sync.page_size (products per request) so that each page fits, or raise sync.max_response_mb if the shop's products are that large; a shop that ignores the page size needs fixing."
+        }
+        TooLarge => {
+            "An answer was larger than sync.max_response_mb: lower sync.m1_batch_size (products per request) so that each answer fits, or raise sync.max_response_mb if the shop's products are that large."
         }
         RateLimited => {
             "The shop asks to slow down (429/Retry-After): cobbyd waits as asked; lower sync.shop_concurrency if it persists."

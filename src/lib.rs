@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and how data flows.
 
+pub mod bounded;
 pub mod check;
 pub mod cli;
 pub mod commands;

@@ -209,7 +209,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Ap
                 "request body too slow",
             ));
         }
-        Ok(Err(_)) => return Err(too_large()),
+        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("request body: {e}"),
+            ));
+        }
         Ok(Ok(b)) => b,
     };
     if bytes.is_empty() {
@@ -217,6 +224,19 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Ap
             .map_err(|e| ApiError::invalid(format!("empty body: {e}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("request body: {e}")))
+}
+
+/// Whether reading a body failed on the size cap (and not, say, on the
+/// connection's body deadline).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Refuses mutations while draining. Handlers read their body before

@@ -10,8 +10,11 @@
 //! not in the middle of a request (connected but silent, dripping its
 //! headers, or idle between keep-alive requests) is closed to make room;
 //! when every connection is busy with a request, the new one is closed.
-//! A request's headers must arrive within [`HEADER_TIMEOUT`] in total, so
-//! a silent or slow client is cut off even when there is room.
+//! A request's headers must arrive within [`HEADER_TIMEOUT`] in total, and
+//! its body within as long again after them, so a silent or slow client is
+//! cut off even when there is room. A request counts as "in the middle"
+//! only once its body has arrived: a client stuck inside its body is as
+//! evictable as one stuck inside its headers.
 
 use crate::daemon::Daemon;
 use bytes::Bytes;
@@ -175,6 +178,87 @@ fn lock(t: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Marks a request in progress once its body has arrived in full (or the
+/// handler has answered without it), until its answer's body is done.
+/// Before that the connection counts as idle: a client stuck in the
+/// middle of its body holds no more claim on a connection slot than one
+/// stuck in its headers, so a flood of them cannot lock the real client
+/// out.
+struct BusySlot {
+    busy: Arc<AtomicUsize>,
+    guard: Mutex<Option<BusyGuard>>,
+}
+
+impl BusySlot {
+    fn new(busy: &Arc<AtomicUsize>) -> Arc<BusySlot> {
+        Arc::new(BusySlot {
+            busy: busy.clone(),
+            guard: Mutex::new(None),
+        })
+    }
+
+    fn mark(&self) {
+        let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(BusyGuard::new(&self.busy));
+        }
+    }
+}
+
+/// A request's body as the routes see it: marks the request busy when
+/// it ends, and fails once [`HEADER_TIMEOUT`] has passed since the
+/// headers arrived (a total deadline, like the headers', not one per
+/// read).
+struct RequestBody {
+    inner: hyper::body::Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    slot: Arc<BusySlot>,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.slot.mark();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.slot.mark();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(BodyTimeout.into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body did not arrive within [`HEADER_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {}s", HEADER_TIMEOUT.as_secs())]
+pub struct BodyTimeout;
+
 /// Counts a request as in progress until its answer's body is done.
 struct BusyGuard(Arc<AtomicUsize>);
 
@@ -195,7 +279,7 @@ impl Drop for BusyGuard {
 /// (a long products export is not "idle").
 struct GuardedBody {
     inner: axum::body::Body,
-    _busy: BusyGuard,
+    _busy: Arc<BusySlot>,
 }
 
 impl hyper::body::Body for GuardedBody {
@@ -329,11 +413,25 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let busy = BusyGuard::new(&busy);
+        let slot = BusySlot::new(&busy);
+        if hyper::body::Body::is_end_stream(req.body()) {
+            slot.mark();
+        }
+        let deadline = Box::pin(tokio::time::sleep(HEADER_TIMEOUT));
+        let body_slot = slot.clone();
+        let req = req.map(move |inner| {
+            axum::body::Body::new(RequestBody {
+                inner,
+                deadline,
+                slot: body_slot,
+            })
+        });
         let router = router.clone();
         async move {
-            let resp = router.oneshot(req.map(axum::body::Body::new)).await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody { inner, _busy: busy }))
+            let resp = router.oneshot(req).await?;
+            // Answering: busy from here on, body read or not.
+            slot.mark();
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody { inner, _busy: slot }))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()

@@ -245,7 +245,7 @@ impl Store {
             match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => lock,
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let pid = std::fs::read_to_string(&lock_path)
+                    let pid = crate::bounded::read_text(&lock_path, 64)
                         .map(|s| s.trim().to_string())
                         .unwrap_or_default();
                     return Err(StoreError::Locked {

@@ -25,23 +25,19 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
             "tls_ca_file {shown:?} is not an absolute path: give the full path (the daemon reads the file, not the command line tool)"
         ));
     }
-    let read = || -> std::io::Result<Vec<u8>> {
-        use std::io::Read as _;
-        let f = std::fs::File::open(path)?;
-        let mut buf = Vec::new();
-        f.take(MAX_CA_FILE + 1).read_to_end(&mut buf)?;
-        Ok(buf)
+    let bytes = match crate::bounded::read_file(path, MAX_CA_FILE) {
+        Ok(b) => b,
+        Err(crate::bounded::ReadError::TooLarge { .. }) => {
+            return Err(format!(
+                "the CA file {shown} is larger than {MAX_CA_FILE} bytes: give only the CA certificate(s) the shop needs"
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot read the CA file {shown}: {e}: check the path, and that the daemon's user (cobbyd under systemd) may read it (e.g. keep it in /etc/cobbyd/, mode 0644)"
+            ));
+        }
     };
-    let bytes = read().map_err(|e| {
-        format!(
-            "cannot read the CA file {shown}: {e}: check the path, and that the daemon's user (cobbyd under systemd) may read it (e.g. keep it in /etc/cobbyd/, mode 0644)"
-        )
-    })?;
-    if bytes.len() as u64 > MAX_CA_FILE {
-        return Err(format!(
-            "the CA file {shown} is larger than {MAX_CA_FILE} bytes: give only the CA certificate(s) the shop needs"
-        ));
-    }
     let not_pem = |why: String| {
         format!(
             "the CA file {shown} is not a usable PEM certificate bundle: {why}: give the CA certificate (or the shop's self-signed certificate) in PEM form, starting with -----BEGIN CERTIFICATE-----"

@@ -170,6 +170,19 @@ fn chain(e: &(dyn StdError + 'static)) -> Vec<String> {
     out
 }
 
+/// The `hyper::Error` in the chain, if any: it tells a connection that
+/// gave no (valid) HTTP answer from one that was never made.
+fn hyper_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a hyper::Error> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return Some(h);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// True when some link of the chain is an `io::Error` of kind
 /// `InvalidData`: rustls reports its failures that way.
 fn has_invalid_data(e: &(dyn StdError + 'static)) -> bool {
@@ -211,6 +224,35 @@ pub(crate) fn classify_send_error(e: &reqwest::Error, opts: &ClientOptions) -> S
             FailureKind::HttpStatus,
             format!("{host} redirected more than {MAX_REDIRECTS} times"),
         );
+    }
+    if let Some(h) = hyper_error(e) {
+        // The connection was made: the shop (or something in front of it)
+        // answered with something that is not an HTTP answer. Saying
+        // "nothing answers" would send the operator to the wrong place.
+        if h.is_incomplete_message() {
+            return ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "{host} accepted the connection but closed it without a complete answer (a crashed PHP worker, or a web server or proxy that drops the request)"
+                ),
+            );
+        }
+        if h.is_parse_too_large() {
+            return ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "{host} answered with more or larger headers than cobbyd reads (at most 100 headers): a proxy or module floods the answer with headers; look at the web server's configuration"
+                ),
+            );
+        }
+        if h.is_parse() || h.is_parse_status() {
+            return ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "{host} answered with something that is not valid HTTP ({detail}): a header with bytes HTTP does not allow (a bad Location in a redirect, say), or not a web server at this port"
+                ),
+            );
+        }
     }
     if all.contains("dns error") || all.contains("failed to lookup address") {
         return ShopError::new(FailureKind::Dns, format!("cannot resolve {host}: {detail}"));
@@ -258,16 +300,17 @@ pub(crate) async fn read_body(
 ) -> Result<Bytes, ShopError> {
     let max = opts.max_body;
     let status = resp.status().as_u16();
-    let too_large = || {
+    let limit = size_limit(max);
+    let too_large = |seen: String| {
         ShopError::new(
-            FailureKind::Protocol,
-            format!("answer larger than {max} bytes"),
+            FailureKind::TooLarge,
+            format!("the answer is larger than sync.max_response_mb ({limit}; {seen})"),
         )
         .with_status(status)
     };
     let announced = resp.content_length();
-    if announced.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
+    if let Some(n) = announced.filter(|&n| n > max as u64) {
+        return Err(too_large(format!("{n} bytes announced")));
     }
     let cap = announced.map_or(8 * 1024, |n| n as usize);
     let mut buf = BytesMut::with_capacity(cap);
@@ -275,7 +318,10 @@ pub(crate) async fn read_body(
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > max {
-                    return Err(too_large());
+                    return Err(too_large(format!(
+                        "more than {} bytes sent",
+                        buf.len() + chunk.len()
+                    )));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -310,6 +356,17 @@ pub(crate) async fn read_body(
         }
     }
     Ok(buf.freeze())
+}
+
+/// A body cap as people configure it: `64 MiB`, or bytes when it is not
+/// a whole number of MiB (tests use small caps).
+fn size_limit(max: usize) -> String {
+    const MIB: usize = 1024 * 1024;
+    if max >= MIB && max % MIB == 0 {
+        format!("{} MiB", max / MIB)
+    } else {
+        format!("{max} bytes")
+    }
 }
 
 /// `Retry-After` as a delay: delta-seconds or an HTTP date (past dates are
@@ -350,6 +407,94 @@ pub(crate) fn shape(body: &[u8]) -> Shape {
         Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => Shape::Json,
         Some(_) => Shape::Other,
     }
+}
+
+/// What a shop printed before its API answer, when the rest of the body
+/// is one: a UTF-8 byte order mark (a PHP file saved "with BOM"), or a PHP
+/// notice or warning (`display_errors` on). `looks_like_api` says whether
+/// bytes are the start of the API's answer (`{` of JSON, `<?xml` or
+/// `<methodResponse` of XML-RPC). Returns a description of the prefix
+/// (quoted, at most 60 characters) and its length in bytes.
+///
+/// Only the first candidate start is tried, so the cost is one scan of
+/// the body; it runs on answers that already failed.
+pub(crate) fn text_before_answer(
+    body: &[u8],
+    looks_like_api: impl Fn(&[u8]) -> bool,
+) -> Option<(String, usize)> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let skip_ws = |from: usize| {
+        body[from..]
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .map_or(body.len(), |i| from + i)
+    };
+    if let Some(rest) = body.strip_prefix(BOM) {
+        let at = skip_ws(BOM.len());
+        if looks_like_api(&body[at..]) || rest.iter().all(u8::is_ascii_whitespace) {
+            return Some(("a UTF-8 byte order mark (EF BB BF)".to_string(), BOM.len()));
+        }
+    }
+    // PHP prints its messages as `<br />\n<b>Warning</b>:  ...` (HTML
+    // errors) or `PHP Warning:  ...` / `Warning: ...` (CLI style); none
+    // contain the API's own first bytes before the answer starts.
+    let head = &body[..body.len().min(64 * 1024)];
+    let lower: Vec<u8> = head.iter().map(u8::to_ascii_lowercase).collect();
+    let php = [
+        &b"notice"[..],
+        b"warning",
+        b"deprecated",
+        b"fatal error",
+        b"parse error",
+        b"strict standards",
+    ];
+    let marker = php.iter().filter_map(|w| find(&lower, w)).min()?;
+    // The answer starts after the message: on a later line, or after a
+    // `<br />` that ends PHP's HTML form of it. Every byte of the head is
+    // looked at a bounded number of times.
+    let mut line_start = marker;
+    while line_start < head.len() {
+        let line_end = head[line_start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(head.len(), |i| line_start + i + 1);
+        let line = &lower[line_start..line_end];
+        let mut from = 0;
+        while let Some(i) = find(&line[from..], b"<br />") {
+            let after = skip_ws(line_start + from + i + b"<br />".len());
+            if after < body.len() && looks_like_api(&body[after..]) {
+                return Some((quote_prefix(&body[..after]), after));
+            }
+            from += i + b"<br />".len();
+        }
+        let start = skip_ws(line_end);
+        if start < body.len() && looks_like_api(&body[start..]) {
+            return Some((quote_prefix(&body[..start]), start));
+        }
+        line_start = start.max(line_end);
+    }
+    None
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The first 60 characters of a prefix, with control characters escaped,
+/// trimmed of blanks.
+fn quote_prefix(prefix: &[u8]) -> String {
+    let text = String::from_utf8_lossy(prefix);
+    let text = text.trim();
+    let mut out: String = text
+        .chars()
+        .take(60)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if text.chars().count() > 60 {
+        out.push('…');
+    }
+    format!("\"{out}\"")
 }
 
 /// True for bodies that are HTML pages (not XML-RPC, not JSON).

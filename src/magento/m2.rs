@@ -20,7 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The two places the REST API lives: with URL rewrites, and without.
 const PREFIXES: [&str; 2] = ["rest", "index.php/rest"];
@@ -116,6 +116,9 @@ pub struct ProductPage {
     pub total_count: u64,
     /// Size of the answer body, for metrics.
     pub body_bytes: usize,
+    /// Items that had bytes that are not UTF-8, kept with U+FFFD in their
+    /// place (see [`RepairedItem`]); also logged as a warning.
+    pub repaired: Vec<RepairedItem>,
 }
 
 /// A product as listed: the keys the sync needs, and the item's exact JSON.
@@ -218,7 +221,7 @@ impl M2Client {
             pair("fields", "total_count"),
         ];
         let body = self.get(store_code, "products", &query).await?;
-        let page = parse_page(&body, Some("total_count"))?;
+        let page = parse_page(&body, Some("total_count"), 1)?;
         Ok(ProbeInfo {
             version: None,
             product_count: Some(page.total_count),
@@ -235,7 +238,11 @@ impl M2Client {
         q: &ProductQuery,
     ) -> Result<ProductPage, ShopError> {
         let body = self.get(store_code, "products", &product_query(q)).await?;
-        parse_page(&body, q.fields.as_deref())
+        let page = parse_page(&body, q.fields.as_deref(), q.page_size.max(1) as usize)?;
+        for r in &page.repaired {
+            warn!(shop = %self.inner.shop, sku = ?r.sku, id = r.id, offset = r.offset, "{r}");
+        }
+        Ok(page)
     }
 
     /// GET `{base}/{prefix}/{store}/V1/{path}?{query}`: the JSON body of a
@@ -255,8 +262,12 @@ impl M2Client {
             let a = self.send(PREFIXES[p - 1], store, path, query).await?;
             let is_2xx = (200..300).contains(&a.status);
             let shape = http::shape(&a.body);
-            let not_here = a.status == 404 || (is_2xx && shape != Shape::Json);
-            if shape == Shape::Json && a.status != 404 {
+            // JSON after a PHP notice or a byte order mark is the API
+            // answering (badly): this is the right prefix.
+            let api_answered =
+                shape == Shape::Json || (is_2xx && text_before_json(&a.body).is_some());
+            let not_here = a.status == 404 || (is_2xx && !api_answered);
+            if api_answered && a.status != 404 {
                 self.inner.prefix.store(p, Ordering::Relaxed);
             } else if not_here && cached != 0 {
                 // The shop's routing changed (rewrites switched on or off):
@@ -553,6 +564,12 @@ pub(crate) fn magento_message(body: &[u8]) -> Option<String> {
     Some(truncate(fill_placeholders(msg, v.get("parameters"))))
 }
 
+/// What the shop printed before a JSON answer (see
+/// [`http::text_before_answer`]).
+fn text_before_json(body: &[u8]) -> Option<(String, usize)> {
+    http::text_before_answer(body, |b| matches!(b.first(), Some(b'{' | b'[')))
+}
+
 /// Sorts an answer into data (`Ok`) or a classified failure.
 pub(crate) fn classify(a: &Answer) -> Result<(), ShopError> {
     let shape = http::shape(&a.body);
@@ -582,6 +599,14 @@ pub(crate) fn classify(a: &Answer) -> Result<(), ShopError> {
     match status {
         200..=299 if is_json => Ok(()),
         200..=299 => {
+            if let Some((what, n)) = text_before_json(&a.body) {
+                return fail(
+                    FailureKind::Protocol,
+                    format!(
+                        "the shop printed {what} ({n} bytes) before its JSON answer: a PHP notice or warning shown to API clients, or a byte order mark or blank line outside <?php in one of its PHP files"
+                    ),
+                );
+            }
             let what = if http::is_html(&a.headers, &a.body) {
                 "an HTML page".to_string()
             } else if shape == Shape::Empty {
@@ -644,22 +669,241 @@ pub(crate) fn classify(a: &Answer) -> Result<(), ShopError> {
     }
 }
 
-#[derive(Deserialize)]
-struct PageBody {
-    #[serde(default)]
-    items: Option<Vec<Box<RawValue>>>,
-    #[serde(default)]
-    total_count: Option<serde_json::Value>,
+/// A value of a key the client reads (`total_count`, an item's `id`,
+/// `sku`, `updated_at`): numbers and strings are kept, anything else is
+/// skipped without building it (a hostile `"sku": [[...]]` of 60 MB
+/// would otherwise become a tree many times its size).
+#[derive(Debug)]
+enum Scalar {
+    Num(serde_json::Number),
+    Str(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Num(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Num(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Scalar::Other, Scalar::Num))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_string()))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Scalar {
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Scalar::Num(n) => n.as_i64(),
+            Scalar::Str(s) => s.trim().parse().ok(),
+            Scalar::Other => None,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Scalar::Num(n) => n.as_u64(),
+            Scalar::Str(s) => s.trim().parse().ok(),
+            Scalar::Other => None,
+        }
+    }
+
+    fn into_string(self) -> Option<String> {
+        match self {
+            Scalar::Str(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct ItemHead {
     #[serde(default)]
-    id: Option<serde_json::Value>,
+    id: Option<Scalar>,
     #[serde(default)]
-    sku: Option<serde_json::Value>,
+    sku: Option<Scalar>,
     #[serde(default)]
-    updated_at: Option<serde_json::Value>,
+    updated_at: Option<Scalar>,
+}
+
+/// The listing's top level, read in one pass: `items` as borrowed slices
+/// of the body (at most `max_items` of them; the next one stops the parse
+/// at once, before the rest of a hostile page is even looked at) and
+/// `total_count`; every other key skipped.
+struct PageSeed<'c> {
+    max_items: usize,
+    too_many: &'c std::cell::Cell<bool>,
+}
+
+struct PageParts<'de> {
+    items: Vec<&'de RawValue>,
+    total_count: Option<Scalar>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for PageSeed<'_> {
+    type Value = PageParts<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PageSeed<'_> {
+    type Value = PageParts<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with items and total_count")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        let mut items: Option<Vec<&'de RawValue>> = None;
+        let mut total_count = None;
+        let mut seen_items = false;
+        while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "items" => {
+                    if seen_items {
+                        return Err(A::Error::duplicate_field("items"));
+                    }
+                    seen_items = true;
+                    items = m.next_value_seed(ItemsSeed {
+                        max_items: self.max_items,
+                        too_many: self.too_many,
+                    })?;
+                }
+                "total_count" => {
+                    if total_count.is_some() {
+                        return Err(A::Error::duplicate_field("total_count"));
+                    }
+                    total_count = Some(m.next_value::<Scalar>()?);
+                }
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(PageParts {
+            items: items.unwrap_or_default(),
+            total_count,
+        })
+    }
+}
+
+/// `items`: `null`, or a list of at most `max_items` values.
+struct ItemsSeed<'c> {
+    max_items: usize,
+    too_many: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = Option<Vec<&'de RawValue>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
+    type Value = Option<Vec<&'de RawValue>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of products")
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        let mut v = Vec::with_capacity(self.max_items.min(a.size_hint().unwrap_or(0)).min(1024));
+        while let Some(raw) = a.next_element::<&'de RawValue>()? {
+            if v.len() >= self.max_items {
+                self.too_many.set(true);
+                return Err(A::Error::custom("more items than the page size"));
+            }
+            v.push(raw);
+        }
+        Ok(Some(v))
+    }
+}
+
+/// A product whose JSON had bytes that are not UTF-8 (a Latin-1 `é` from
+/// an old import, say). It is kept with each such byte replaced by U+FFFD
+/// (JSON cannot carry the byte, and skipping the product would make it
+/// look deleted); the sync reports it by SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairedItem {
+    pub id: i64,
+    pub sku: String,
+    /// Byte offset of the first bad byte in the answer body.
+    pub offset: usize,
+    /// Bad bytes replaced in this item.
+    pub bytes: usize,
+}
+
+impl fmt::Display for RepairedItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "product {:?} (id {}) has {} byte(s) that are not UTF-8, the first at byte {} of the answer; stored with U+FFFD in their place: fix the product's text in the shop (it is probably Latin-1 from an import)",
+            self.sku, self.id, self.bytes, self.offset
+        )
+    }
+}
+
+/// The body as text: itself when it is UTF-8, else a copy with each
+/// invalid sequence replaced by U+FFFD, and where the replacements are
+/// (offset in the copy, offset in the body, bytes replaced).
+fn body_text(body: &[u8]) -> (std::borrow::Cow<'_, str>, Vec<(usize, usize, usize)>) {
+    if let Ok(s) = std::str::from_utf8(body) {
+        return (std::borrow::Cow::Borrowed(s), Vec::new());
+    }
+    let mut out = String::with_capacity(body.len() + 16);
+    let mut fixes = Vec::new();
+    let mut orig = 0usize;
+    for chunk in body.utf8_chunks() {
+        out.push_str(chunk.valid());
+        orig += chunk.valid().len();
+        let bad = chunk.invalid().len();
+        if bad > 0 {
+            fixes.push((out.len(), orig, bad));
+            out.push(char::REPLACEMENT_CHARACTER);
+            orig += bad;
+        }
+    }
+    (std::borrow::Cow::Owned(out), fixes)
 }
 
 /// Which of `id`, `sku`, `updated_at` an item must carry, given `fields`:
@@ -711,38 +955,55 @@ fn required_keys(fields: Option<&str>) -> [bool; 3] {
     [false; 3]
 }
 
-/// Parses a listing answer: `total_count` (required) and each item's keys.
-pub(crate) fn parse_page(body: &Bytes, fields: Option<&str>) -> Result<ProductPage, ShopError> {
+/// Parses a listing answer: `total_count` (required) and each item's keys,
+/// at most `max_items` items (the page size asked for: a shop that sends
+/// more is not answering the question, and a page of millions of tiny
+/// items would cost far more memory than its bytes).
+///
+/// Memory: the body, a copy only when it is not UTF-8, and one copy of
+/// each item; no tree of the page is built.
+pub(crate) fn parse_page(
+    body: &Bytes,
+    fields: Option<&str>,
+    max_items: usize,
+) -> Result<ProductPage, ShopError> {
     let proto = |m: String| ShopError::new(FailureKind::Protocol, m).with_status(200);
-    let page: PageBody = serde_json::from_slice(body)
-        .map_err(|e| proto(format!("malformed product listing: {e}")))?;
-    let total_count = match &page.total_count {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| proto("the product listing has no numeric total_count".to_string()))?;
+    let (text, fixes) = body_text(body);
+    let too_many = std::cell::Cell::new(false);
+    let parts = {
+        use serde::de::DeserializeSeed as _;
+        let mut de = serde_json::Deserializer::from_str(&text);
+        PageSeed {
+            max_items,
+            too_many: &too_many,
+        }
+        .deserialize(&mut de)
+        .and_then(|p| de.end().map(|()| p))
+    };
+    let parts = match parts {
+        Ok(p) => p,
+        Err(_) if too_many.get() => {
+            return Err(proto(format!(
+                "the shop sent more than the {max_items} products per page asked for (searchCriteria[pageSize]={max_items}): it ignores the page size, so the listing cannot be trusted"
+            )));
+        }
+        Err(e) => return Err(proto(format!("malformed product listing: {e}"))),
+    };
+    let total_count = parts
+        .total_count
+        .as_ref()
+        .and_then(Scalar::as_u64)
+        .ok_or_else(|| proto("the product listing has no numeric total_count".to_string()))?;
     let [need_id, need_sku, need_updated] = required_keys(fields);
-    let raw_items = page.items.unwrap_or_default();
-    let mut items = Vec::with_capacity(raw_items.len());
-    for (i, raw) in raw_items.into_iter().enumerate() {
+    let base = text.as_ptr() as usize;
+    let mut items = Vec::with_capacity(parts.items.len());
+    let mut repaired = Vec::new();
+    for (i, raw) in parts.items.into_iter().enumerate() {
         let head: ItemHead = serde_json::from_str(raw.get())
             .map_err(|e| proto(format!("product item {i} is not an object: {e}")))?;
-        let id = match &head.id {
-            Some(serde_json::Value::Number(n)) => n.as_i64(),
-            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        };
-        let sku = head
-            .sku
-            .as_ref()
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        let updated_at = head
-            .updated_at
-            .as_ref()
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
+        let id = head.id.as_ref().and_then(Scalar::as_i64);
+        let sku = head.sku.and_then(Scalar::into_string);
+        let updated_at = head.updated_at.and_then(Scalar::into_string);
         let missing = |what: &str| proto(format!("product item {i} has no {what}"));
         if need_sku && sku.is_none() {
             return Err(missing("sku"));
@@ -753,17 +1014,34 @@ pub(crate) fn parse_page(body: &Bytes, fields: Option<&str>) -> Result<ProductPa
         if need_updated && updated_at.is_none() {
             return Err(missing("updated_at"));
         }
+        if !fixes.is_empty() {
+            // `raw` borrows from `text`: its place there says which
+            // replacements fall inside it.
+            let start = raw.get().as_ptr() as usize - base;
+            let end = start + raw.get().len();
+            let lo = fixes.partition_point(|f| f.0 < start);
+            let hi = fixes.partition_point(|f| f.0 < end);
+            if lo < hi {
+                repaired.push(RepairedItem {
+                    id: id.unwrap_or(0),
+                    sku: sku.clone().unwrap_or_default(),
+                    offset: fixes[lo].1,
+                    bytes: fixes[lo..hi].iter().map(|f| f.2).sum(),
+                });
+            }
+        }
         items.push(RawProduct {
             id: id.unwrap_or(0),
             sku: sku.unwrap_or_default(),
             updated_at: updated_at.unwrap_or_default(),
-            raw,
+            raw: raw.to_owned(),
         });
     }
     Ok(ProductPage {
         items,
         total_count,
         body_bytes: body.len(),
+        repaired,
     })
 }
 
@@ -1104,8 +1382,13 @@ mod tests {
         assert!(e.message.contains("answer truncated"), "{e}");
         // Announced too large.
         let e = answer_kind(|| json("200 OK", &format!("[\"{}\"]", "x".repeat(70 * 1024)))).await;
-        assert_eq!(e.kind, FailureKind::Protocol);
-        assert!(e.message.contains("answer larger than 65536 bytes"), "{e}");
+        assert_eq!(e.kind, FailureKind::TooLarge);
+        assert!(
+            e.message.contains(
+                "the answer is larger than sync.max_response_mb (65536 bytes; 71684 bytes announced)"
+            ),
+            "{e}"
+        );
         // Not announced (close-delimited), too large as it streams.
         let e = answer_kind(|| {
             let mut b = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[\"".to_vec();
@@ -1114,7 +1397,85 @@ mod tests {
             Answer::Raw(b)
         })
         .await;
-        assert!(e.message.contains("answer larger than 65536 bytes"), "{e}");
+        assert_eq!(e.kind, FailureKind::TooLarge);
+        assert!(
+            e.message
+                .contains("larger than sync.max_response_mb (65536 bytes; more than"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_http_are_not_connect_failures() {
+        // Accepted, then closed without a byte.
+        let e = answer_kind(|| Answer::Raw(Vec::new())).await;
+        assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+        assert!(
+            e.message.contains("closed it without a complete answer"),
+            "{e}"
+        );
+        // A redirect whose Location has a byte HTTP does not allow.
+        let e = answer_kind(|| {
+            Answer::Raw(
+                b"HTTP/1.1 302 Found\r\nLocation: /rest/\x01x\r\nContent-Length: 0\r\n\r\n"
+                    .to_vec(),
+            )
+        })
+        .await;
+        assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+        assert!(e.message.contains("not valid HTTP"), "{e}");
+        assert!(e.message.contains("bad Location"), "{e}");
+        // 2000 headers of 1000 bytes.
+        let e = answer_kind(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..2000 {
+                v.extend_from_slice(format!("X-H{i}: {}\r\n", "y".repeat(1000)).as_bytes());
+            }
+            v.extend_from_slice(b"Content-Length: 2\r\n\r\n{}");
+            Answer::Raw(v)
+        })
+        .await;
+        assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+        assert!(e.message.contains("more or larger headers"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn text_before_the_json_is_a_protocol_failure() {
+        const PAGE: &str = r#"{"items":[],"total_count":0}"#;
+        for (body, what) in [
+            (
+                format!("\u{feff}{PAGE}"),
+                "a UTF-8 byte order mark (EF BB BF)",
+            ),
+            (
+                format!(
+                    "<br />\n<b>Warning</b>:  Undefined array key \"x\" in <b>/var/www/app/code/Acme/Feed/Plugin.php</b> on line <b>42</b><br />\n{PAGE}"
+                ),
+                "<b>Warning</b>",
+            ),
+            (
+                format!(
+                    "\nDeprecated: Creation of dynamic property in /var/www/x.php on line 7\n{PAGE}"
+                ),
+                "\"Deprecated: Creation of dynamic property",
+            ),
+        ] {
+            let (addr, log) = testserver::serve(move |_, _| json("200 OK", &body)).await;
+            let c = client(addr);
+            let e = c
+                .list_products("default", &ProductQuery::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+            assert!(e.message.contains(what), "{e}");
+            assert!(e.message.contains("before its JSON answer"), "{e}");
+            // The API answered there: not looked for under index.php/.
+            assert_eq!(log.lock().unwrap().len(), 1);
+            assert_eq!(c.api_base().unwrap(), format!("http://{addr}/rest"));
+        }
+        // A page that only mentions a warning is still not the API.
+        let e = answer_kind(|| html("200 OK")).await;
+        assert_eq!(e.kind, FailureKind::NotApi, "{e}");
     }
 
     #[tokio::test]
@@ -1221,32 +1582,32 @@ mod tests {
     #[test]
     fn items_must_carry_their_keys() {
         let body = Bytes::from_static(br#"{"items":[{"id":1,"sku":"a","updated_at":"x"},{"id":2,"updated_at":"y"}],"total_count":2}"#);
-        let e = parse_page(&body, Some("items[id,sku,updated_at],total_count")).unwrap_err();
+        let e = parse_page(&body, Some("items[id,sku,updated_at],total_count"), 10).unwrap_err();
         assert_eq!(e.kind, FailureKind::Protocol);
         assert!(e.message.contains("item 1 has no sku"), "{e}");
-        let e = parse_page(&body, None).unwrap_err();
+        let e = parse_page(&body, None, 10).unwrap_err();
         assert!(e.message.contains("item 1 has no sku"), "{e}");
         // Not asked for: not required.
-        let p = parse_page(&body, Some("items[id,updated_at],total_count")).unwrap();
+        let p = parse_page(&body, Some("items[id,updated_at],total_count"), 10).unwrap();
         assert_eq!(p.items[1].sku, "");
         let body = Bytes::from_static(br#"{"items":[],"total_count":"x"}"#);
         assert!(
-            parse_page(&body, None)
+            parse_page(&body, None, 10)
                 .unwrap_err()
                 .message
                 .contains("total_count")
         );
         let body = Bytes::from_static(br#"{"items":[]}"#);
-        assert!(parse_page(&body, None).is_err());
+        assert!(parse_page(&body, None, 10).is_err());
         let body = Bytes::from_static(br#"{"items":[3],"total_count":1}"#);
         assert!(
-            parse_page(&body, None)
+            parse_page(&body, None, 10)
                 .unwrap_err()
                 .message
                 .contains("item 0")
         );
         let body = Bytes::from_static(br#"{"items":null,"total_count":5}"#);
-        assert_eq!(parse_page(&body, None).unwrap().total_count, 5);
+        assert_eq!(parse_page(&body, None, 10).unwrap().total_count, 5);
         assert_eq!(required_keys(Some("total_count")), [false; 3]);
         assert_eq!(required_keys(Some("items,total_count")), [true; 3]);
         assert_eq!(
@@ -1254,6 +1615,58 @@ mod tests {
                 "items[sku,extension_attributes[website_ids,stock_item[qty]]],total_count"
             )),
             [false, true, false]
+        );
+    }
+
+    #[test]
+    fn pages_are_bounded_by_the_page_size() {
+        let body = Bytes::from_static(
+            br#"{"items":[{"id":1,"sku":"a","updated_at":"x"},{"id":2,"sku":"b","updated_at":"y"},{"id":3,"sku":"c","updated_at":"z"}],"total_count":3}"#,
+        );
+        assert_eq!(parse_page(&body, None, 3).unwrap().items.len(), 3);
+        let e = parse_page(&body, None, 2).unwrap_err();
+        assert_eq!(e.kind, FailureKind::Protocol);
+        assert!(
+            e.message.contains(
+                "more than the 2 products per page asked for (searchCriteria[pageSize]=2)"
+            ),
+            "{e}"
+        );
+        // Keys the client reads are never built as trees.
+        let body = Bytes::from(format!(
+            r#"{{"items":[{{"id":1,"sku":{},"updated_at":"x"}}],"total_count":1}}"#,
+            "[".repeat(100) + &"]".repeat(100)
+        ));
+        let e = parse_page(&body, None, 10).unwrap_err();
+        assert!(e.message.contains("item 0 has no sku"), "{e}");
+        let body = Bytes::from_static(br#"{"items":[],"items":[],"total_count":0}"#);
+        assert!(parse_page(&body, None, 10).is_err());
+        let body = Bytes::from_static(br#"{"items":[],"total_count":1} x"#);
+        assert!(parse_page(&body, None, 10).is_err());
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_replaced_and_named() {
+        let mut body = br#"{"items":[{"id":1,"sku":"ok","updated_at":"x","name":"Cafe"},{"id":7,"sku":"24-MB01","updated_at":"y","name":"Caf"#.to_vec();
+        let offset = body.len();
+        body.extend_from_slice(b"\xE9 cr\xE8me\"}],\"total_count\":2}");
+        let page = parse_page(&Bytes::from(body), None, 10).unwrap();
+        assert_eq!(page.items.len(), 2);
+        assert!(page.items[1].raw.get().contains("Caf\u{FFFD} cr\u{FFFD}me"));
+        assert!(!page.items[0].raw.get().contains('\u{FFFD}'));
+        assert_eq!(
+            page.repaired,
+            [RepairedItem {
+                id: 7,
+                sku: "24-MB01".into(),
+                offset,
+                bytes: 2,
+            }]
+        );
+        let text = page.repaired[0].to_string();
+        assert!(
+            text.contains("\"24-MB01\" (id 7)") && text.contains(&format!("at byte {offset}")),
+            "{text}"
         );
     }
 

@@ -43,8 +43,14 @@ pub enum FailureKind {
     /// M1 session expired and could not be renewed.
     Session,
     /// Malformed answer: bad JSON/XML, truncated body, unexpected shape,
-    /// answer too large.
+    /// text before the API's own answer (a PHP notice, a byte order mark),
+    /// more items than asked for, or no HTTP answer at all (closed without
+    /// one, headers HTTP does not allow or too many of them).
     Protocol,
+    /// The answer is larger than `sync.max_response_mb`: asking again
+    /// gets the same answer, so it is not retried; smaller pages (or a
+    /// higher limit) are the fix.
+    TooLarge,
     /// 429 or an explicit Retry-After.
     RateLimited,
     /// Shop-side error (M2 500, M1 fault 1 / 0).
@@ -54,7 +60,7 @@ pub enum FailureKind {
 impl FailureKind {
     /// Every kind, in declaration order (for documentation and tests that
     /// enumerate kinds).
-    pub const ALL: [FailureKind; 14] = [
+    pub const ALL: [FailureKind; 15] = [
         FailureKind::Dns,
         FailureKind::Connect,
         FailureKind::Tls,
@@ -67,6 +73,7 @@ impl FailureKind {
         FailureKind::BadSignature,
         FailureKind::Session,
         FailureKind::Protocol,
+        FailureKind::TooLarge,
         FailureKind::RateLimited,
         FailureKind::ServerError,
     ];
@@ -80,9 +87,8 @@ impl FailureKind {
         use FailureKind::*;
         match self {
             Dns | Connect | Tls | Timeout | HttpStatus | NotApi | Maintenance | Unauthorized
-            | ForbiddenResource | BadSignature | Session | Protocol | RateLimited | ServerError => {
-                true
-            }
+            | ForbiddenResource | BadSignature | Session | Protocol | TooLarge | RateLimited
+            | ServerError => true,
         }
     }
 
@@ -101,6 +107,7 @@ impl FailureKind {
             FailureKind::BadSignature => "bad_signature",
             FailureKind::Session => "session",
             FailureKind::Protocol => "protocol",
+            FailureKind::TooLarge => "too_large",
             FailureKind::RateLimited => "rate_limited",
             FailureKind::ServerError => "server_error",
         }
@@ -160,7 +167,8 @@ impl ShopError {
 pub struct ClientOptions {
     /// Per-request timeout (connect + answer).
     pub timeout: Duration,
-    /// Largest answer body read, in bytes; bigger is a `Protocol` error.
+    /// Largest answer body read, in bytes (`sync.max_response_mb`); bigger
+    /// is a `TooLarge` error.
     pub max_body: usize,
     /// A PEM bundle of extra trusted roots for this shop (`--tls-ca-file`);
     /// the client then gets its own root store instead of the shared one.

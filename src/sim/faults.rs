@@ -44,6 +44,38 @@ pub enum Fault {
         /// Seconds announced in `Retry-After`.
         retry_after_s: u64,
     },
+    /// Every API answer is followed by this many blank bytes (valid JSON
+    /// and XML still, only larger than a client's size limit).
+    Oversized {
+        /// Bytes appended.
+        bytes: u64,
+    },
+    /// Every API answer starts with a UTF-8 byte order mark (a PHP file
+    /// saved "with BOM" prints it before anything else).
+    Bom,
+    /// Every API answer starts with a PHP warning in PHP's HTML form
+    /// (`display_errors` on, a module with a bug).
+    PhpNotice,
+    /// The connection is closed after the request, without an answer (a
+    /// crashing PHP worker, a proxy that drops the request).
+    Hangup,
+    /// Every API answer carries this many extra headers of 1,000 bytes (a
+    /// proxy or module gone wrong).
+    HugeHeaders {
+        /// Extra headers.
+        count: u32,
+    },
+    /// The first product name in every API answer gets a Latin-1 `é`
+    /// (byte E9, not UTF-8) in front: an old import wrote Latin-1.
+    Latin1,
+    /// Magento 2 only: product listings answer this many tiny products
+    /// (id and SKU), whatever page size was asked for, with that
+    /// `total_count` (a shop whose module ignores `searchCriteria`). The
+    /// products are made up for the answer: the catalog is unchanged.
+    HugePage {
+        /// Items per answer.
+        items: u64,
+    },
     /// The API routes answer with a redirect to `to` followed by the
     /// request's own path and query (a shop moved to another host, or a
     /// web server that sends `/rest/` elsewhere). The storefront is left
@@ -71,13 +103,23 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
             Fault::Redirect { .. } => "redirect",
+            Fault::Oversized { .. } => "oversized",
+            Fault::Bom => "bom",
+            Fault::PhpNotice => "php_notice",
+            Fault::Hangup => "hangup",
+            Fault::HugeHeaders { .. } => "huge_headers",
+            Fault::Latin1 => "latin1",
+            Fault::HugePage { .. } => "huge_page",
         }
     }
 
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
-    /// "http://127.0.0.2:8080"}`, or a bare mode name.
+    /// "http://127.0.0.2:8080"}`, `{"mode": "oversized", "bytes": N}`,
+    /// `{"mode": "huge_headers", "count": N}`, `{"mode": "huge_page",
+    /// "items": N}`, or a bare mode name (`bom`, `php_notice`, `hangup`,
+    /// `latin1`...).
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -118,6 +160,23 @@ impl Fault {
                     to: to.to_string(),
                 }
             }
+            "oversized" => Fault::Oversized {
+                bytes: num("bytes")
+                    .ok_or("oversized needs \"bytes\"")?
+                    .min(1 << 30),
+            },
+            "bom" => Fault::Bom,
+            "php_notice" => Fault::PhpNotice,
+            "hangup" => Fault::Hangup,
+            "huge_headers" => Fault::HugeHeaders {
+                count: num("count").unwrap_or(2000).min(100_000) as u32,
+            },
+            "latin1" => Fault::Latin1,
+            "huge_page" => Fault::HugePage {
+                items: num("items")
+                    .ok_or("huge_page needs \"items\"")?
+                    .min(20_000_000),
+            },
             other => return Err(format!("unknown fault mode {other:?}")),
         })
     }
@@ -133,6 +192,9 @@ impl Fault {
                 v["status"] = (*status).into();
                 v["to"] = to.as_str().into();
             }
+            Fault::Oversized { bytes } => v["bytes"] = (*bytes).into(),
+            Fault::HugeHeaders { count } => v["count"] = (*count).into(),
+            Fault::HugePage { items } => v["items"] = (*items).into(),
             _ => {}
         }
         v
@@ -215,6 +277,107 @@ pub fn garbage(xmlrpc: bool) -> Resp {
     }
 }
 
+/// The PHP warning [`Fault::PhpNotice`] prints before the answer.
+pub const PHP_NOTICE: &str = "<br />\n<b>Warning</b>:  Undefined array key \"feed\" in <b>/var/www/html/app/code/Acme/Feed/Plugin/ProductPlugin.php</b> on line <b>42</b><br />\n";
+
+/// The answer's body with `f` applied (headers kept; the length is set
+/// anew by hyper).
+async fn rewrite(resp: Resp, f: impl FnOnce(Vec<u8>) -> Vec<u8>) -> Resp {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    hyper::Response::from_parts(parts, crate::sim::server::full(f(bytes.to_vec())))
+}
+
+/// [`Fault::Oversized`]: the answer, then `bytes` blanks.
+pub async fn oversized(resp: Resp, bytes: u64) -> Resp {
+    rewrite(resp, |mut b| {
+        b.resize(b.len() + bytes as usize, b' ');
+        b
+    })
+    .await
+}
+
+/// [`Fault::Bom`] and [`Fault::PhpNotice`]: `prefix`, then the answer.
+pub async fn preamble(resp: Resp, prefix: &'static [u8]) -> Resp {
+    rewrite(resp, |b| [prefix, &b].concat()).await
+}
+
+/// [`Fault::Latin1`]: a byte E9 at the start of the first product name
+/// (REST `"name":"`, XML-RPC `<name>name</name><value>`, with or without
+/// `<string>`).
+pub async fn latin1(resp: Resp) -> Resp {
+    rewrite(resp, |b| {
+        let find = |needle: &[u8]| {
+            b.windows(needle.len())
+                .position(|w| w == needle)
+                .map(|i| i + needle.len())
+        };
+        let at = find(b"\"name\":\"")
+            .or_else(|| find(b"<name>name</name><value><string>"))
+            .or_else(|| find(b"<name>name</name><value>"));
+        match at {
+            Some(i) => [&b[..i], &[0xE9][..], &b[i..]].concat(),
+            None => b,
+        }
+    })
+    .await
+}
+
+/// [`Fault::HugeHeaders`]: `count` headers of 1,000 bytes more.
+pub fn huge_headers(mut resp: Resp, count: u32) -> Resp {
+    let value = hyper::header::HeaderValue::from_static(FILLER_1000);
+    for i in 0..count {
+        if let Ok(name) = hyper::header::HeaderName::from_bytes(format!("x-filler-{i}").as_bytes())
+        {
+            resp.headers_mut().append(name, value.clone());
+        }
+    }
+    resp
+}
+
+const FILLER_1000: &str = concat!(
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+);
+
+/// [`Fault::HugePage`]: `items` products of a few bytes each, `total_count`
+/// the same, built off the async workers.
+pub async fn huge_page(items: u64) -> Resp {
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut b = Vec::with_capacity(items as usize * 40 + 64);
+        b.extend_from_slice(b"{\"items\":[");
+        for i in 0..items {
+            if i > 0 {
+                b.push(b',');
+            }
+            let id = i + 1;
+            let _ = write!(
+                b,
+                "{{\"id\":{id},\"sku\":\"h{id}\",\"updated_at\":\"2020-01-01 00:00:00\"}}"
+            );
+        }
+        let _ = write!(b, "],\"total_count\":{items}}}");
+        b
+    })
+    .await
+    .unwrap_or_default();
+    json_bytes(200, body)
+}
+
 /// Re-sends an answer with its full length announced but only the first
 /// half of the body written, then closes the connection.
 pub async fn truncate(resp: Resp) -> Resp {
@@ -273,6 +436,13 @@ mod tests {
                 status: 308,
                 to: "http://127.0.0.2:9".into(),
             },
+            Fault::Oversized { bytes: 5 },
+            Fault::Bom,
+            Fault::PhpNotice,
+            Fault::Hangup,
+            Fault::HugeHeaders { count: 3 },
+            Fault::Latin1,
+            Fault::HugePage { items: 9 },
         ] {
             assert_eq!(Fault::from_json(&f.to_json()), Ok(f));
         }

@@ -397,7 +397,31 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
     let is_xmlrpc = matches!(area, Area::XmlRpc) && routed;
     let is_api = is_rest || is_xmlrpc;
     match &fault {
-        Fault::None | Fault::Truncated => {}
+        Fault::None
+        | Fault::Truncated
+        | Fault::Oversized { .. }
+        | Fault::Bom
+        | Fault::PhpNotice
+        | Fault::HugeHeaders { .. }
+        | Fault::Latin1 => {}
+        Fault::Hangup => {
+            if is_api {
+                bump(&c.faults_injected);
+                // hyper closes the connection without writing an answer.
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "hung up without an answer",
+                ));
+            }
+        }
+        Fault::HugePage { items } => {
+            let listing =
+                matches!(area, Area::Rest(r) if r == "V1/products" || r.ends_with("/V1/products"));
+            if is_rest && listing {
+                bump(&c.faults_injected);
+                return Ok(faults::huge_page(*items).await);
+            }
+        }
         Fault::Down => {
             bump(&c.faults_injected);
             return Err(io::Error::new(
@@ -456,10 +480,16 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
             html(404, faults::NOT_FOUND_HTML)
         }
     };
-    if fault == Fault::Truncated {
-        bump(&c.faults_injected);
-        return Ok(faults::truncate(resp).await);
-    }
+    let resp = match fault {
+        Fault::Truncated => faults::truncate(resp).await,
+        Fault::Oversized { bytes } if is_api => faults::oversized(resp, bytes).await,
+        Fault::Bom if is_api => faults::preamble(resp, b"\xEF\xBB\xBF").await,
+        Fault::PhpNotice if is_api => faults::preamble(resp, faults::PHP_NOTICE.as_bytes()).await,
+        Fault::HugeHeaders { count } if is_api => faults::huge_headers(resp, count),
+        Fault::Latin1 if is_api => faults::latin1(resp).await,
+        _ => return Ok(resp),
+    };
+    bump(&c.faults_injected);
     Ok(resp)
 }
 

@@ -455,14 +455,18 @@ impl RunCtx<'_> {
                     self.d
                         .metrics
                         .count_request(&self.rec.name, e.kind.as_str());
-                    // A redirect cobbyd does not follow, or a 4xx other than
-                    // 408, answers the same when asked again.
+                    // A redirect cobbyd does not follow, a 4xx other than
+                    // 408, or an answer over the size limit answers the
+                    // same when asked again.
                     let permanent_status = e.kind == FailureKind::HttpStatus
                         && e.status
                             .is_some_and(|s| (300..500).contains(&s) && s != 408);
                     let retriable = !e.kind.is_auth()
                         && !permanent_status
-                        && !matches!(e.kind, FailureKind::NotApi | FailureKind::Dns);
+                        && !matches!(
+                            e.kind,
+                            FailureKind::NotApi | FailureKind::Dns | FailureKind::TooLarge
+                        );
                     if !retriable || attempt >= REQUEST_ATTEMPTS {
                         return Err(SyncError::Shop(e));
                     }

@@ -76,6 +76,33 @@ fn sighup_reloads_and_keeps_the_old_config_when_the_new_is_bad() {
     assert_eq!(d.http("GET", "/health", None).0, 200);
 }
 
+/// A config path that is a device is read up to the config cap, never
+/// without end: by `check-config`, and by a reload.
+#[test]
+fn a_config_that_is_a_device_is_read_up_to_the_cap() {
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/dev/zero") && stderr(&out).contains("larger than 1048576 bytes"),
+        "{}",
+        stderr(&out)
+    );
+    let d = Daemon::start("");
+    std::fs::remove_file(&d.config).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &d.config).unwrap();
+    d.signal(Signal::SIGHUP);
+    let t = Instant::now();
+    while !d.log().contains("reload failed") {
+        assert!(t.elapsed() < WAIT, "no reload error logged:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("larger than 1048576 bytes"), "{}", d.log());
+    assert_eq!(d.http("GET", "/health", None).0, 200);
+}
+
 /// Collects sd_notify datagrams until `want` arrives.
 fn expect_notify(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
     let t = Instant::now();

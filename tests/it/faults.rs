@@ -96,6 +96,12 @@ enum Expect {
     /// Sync: refused with 409 `shop_unhealthy`, since the probe left the
     /// shop in this state with this kind; no run starts.
     Refused(&'static str, FailureKind),
+    /// Probe: the fault does not concern the probe; the shop stays
+    /// healthy.
+    Unaffected,
+    /// Sync: the run succeeds; a product with a byte that is not UTF-8 is
+    /// kept with U+FFFD in its place, and the log names it.
+    RunOkRepaired,
 }
 
 /// A fault as the README names it.
@@ -117,7 +123,8 @@ struct Row {
 /// `request_timeout` + 1 s).
 const SLOW: Duration = Duration::from_secs(3);
 const RETRY_AFTER_S: u64 = 1;
-/// Sync attempts per request (`REQUEST_ATTEMPTS` in src/sync/mod.rs).
+/// Sync attempts per request (`REQUEST_ATTEMPTS` in src/sync/mod.rs); an
+/// M1 run whose login succeeds makes one request more.
 const ATTEMPTS: u64 = 5;
 
 const DOWN: Situation = Situation {
@@ -202,6 +209,49 @@ const REDIRECT: Situation = Situation {
     id: "redirect",
     what: "the API answers 307 to another host (the shop moved, or a proxy sends the API elsewhere)",
     inject: Inject::RedirectAway,
+};
+
+/// Bytes the `oversized` mode appends: over the daemons'
+/// `sync.max_response_mb = 1`.
+const OVERSIZE: u64 = 2 * 1024 * 1024;
+/// Products a `huge_page` answer carries: more than any page asked for,
+/// well under the size limit.
+const HUGE_PAGE: u64 = 1000;
+
+const OVERSIZED: Situation = Situation {
+    id: "oversized",
+    what: "answers are larger than `sync.max_response_mb` (big products, a page size the shop ignores)",
+    inject: Inject::Mode(Fault::Oversized { bytes: OVERSIZE }),
+};
+const BOM: Situation = Situation {
+    id: "bom",
+    what: "a UTF-8 byte order mark before every API answer (a PHP file saved with BOM)",
+    inject: Inject::Mode(Fault::Bom),
+};
+const PHP: Situation = Situation {
+    id: "php",
+    what: "a PHP warning before every API answer (`display_errors` on)",
+    inject: Inject::Mode(Fault::PhpNotice),
+};
+const HANGUP: Situation = Situation {
+    id: "hangup",
+    what: "the connection is closed without an answer (a crashing PHP worker, a proxy dropping requests)",
+    inject: Inject::Mode(Fault::Hangup),
+};
+const HEADERS: Situation = Situation {
+    id: "headers",
+    what: "answers carry 2,000 headers of 1,000 bytes",
+    inject: Inject::Mode(Fault::HugeHeaders { count: 2000 }),
+};
+const LATIN1: Situation = Situation {
+    id: "latin1",
+    what: "a product name holds a Latin-1 byte (not UTF-8; an old import)",
+    inject: Inject::Mode(Fault::Latin1),
+};
+const HUGEPAGE: Situation = Situation {
+    id: "hugepage",
+    what: "M2 product listings ignore the page size (1,000 tiny products per answer)",
+    inject: Inject::Mode(Fault::HugePage { items: HUGE_PAGE }),
 };
 
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
@@ -314,6 +364,34 @@ const ROWS: &[Row] = &[
     row(&PATH, M2, Probe, Problem("misconfigured", K::HttpStatus)),
     row(&PATH, M1, Sync, Refused("misconfigured", K::HttpStatus)),
     row(&PATH, M2, Sync, Refused("misconfigured", K::HttpStatus)),
+    row(&OVERSIZED, M1, Probe, Problem("degraded", K::TooLarge)),
+    row(&OVERSIZED, M2, Probe, Problem("degraded", K::TooLarge)),
+    row(&OVERSIZED, M1, Sync, RunFails(K::TooLarge, 1)),
+    row(&OVERSIZED, M2, Sync, RunFails(K::TooLarge, 1)),
+    row(&BOM, M1, Probe, Unaffected),
+    row(&BOM, M2, Probe, Problem("degraded", K::Protocol)),
+    row(&BOM, M1, Sync, RunOk),
+    row(&BOM, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&PHP, M1, Probe, Problem("misconfigured", K::NotApi)),
+    row(&PHP, M2, Probe, Problem("degraded", K::Protocol)),
+    row(&PHP, M1, Sync, RunFails(K::NotApi, 1)),
+    row(&PHP, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&HANGUP, M1, Probe, Problem("degraded", K::Protocol)),
+    row(&HANGUP, M2, Probe, Problem("degraded", K::Protocol)),
+    row(&HANGUP, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&HANGUP, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&HEADERS, M1, Probe, Problem("degraded", K::Protocol)),
+    row(&HEADERS, M2, Probe, Problem("degraded", K::Protocol)),
+    row(&HEADERS, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&HEADERS, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&LATIN1, M1, Probe, Problem("degraded", K::Protocol)),
+    row(&LATIN1, M2, Probe, Unaffected),
+    row(&LATIN1, M1, Sync, RunFails(K::Protocol, ATTEMPTS + 1)),
+    row(&LATIN1, M2, Sync, RunOkRepaired),
+    row(&HUGEPAGE, M1, Probe, Unaffected),
+    row(&HUGEPAGE, M2, Probe, Problem("degraded", K::Protocol)),
+    row(&HUGEPAGE, M1, Sync, RunOk),
+    row(&HUGEPAGE, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
 ];
 
 impl P {
@@ -385,14 +463,14 @@ const ROW_WAIT: Duration = Duration::from_secs(75);
 /// Probes every 300 ms, failures retried from 200 ms up to 2 s, down after
 /// 1 s; syncs only the first one after `shop add`.
 const PROBE_DAEMON: &str = "[probe]\ninterval = \"300ms\"\ntimeout = \"2s\"\nbackoff_initial = \"200ms\"\nbackoff_max = \"2s\"\ndown_after = \"1s\"\n\
-[sync]\ninterval = \"1h\"\nfull_interval = \"24h\"\nrequest_timeout = \"1s\"\nmax_concurrent_syncs = 64\n";
+[sync]\ninterval = \"1h\"\nfull_interval = \"24h\"\nrequest_timeout = \"1s\"\nmax_concurrent_syncs = 64\nmax_response_mb = 1\n";
 
 /// Probes only when asked (`shop add`, `shop test`): the first probe of a
 /// shop comes after a per-name jitter of up to a tenth of the interval,
 /// hours away for these names. Syncs on request, in small pages so that a
 /// run makes several requests.
 const SYNC_DAEMON: &str = "[probe]\ninterval = \"1000h\"\ntimeout = \"2s\"\nbackoff_initial = \"1h\"\nbackoff_max = \"1h\"\ndown_after = \"1s\"\n\
-[sync]\ninterval = \"1h\"\nfull_interval = \"24h\"\nrequest_timeout = \"1s\"\npage_size = 5\nm1_batch_size = 5\nmax_concurrent_syncs = 64\n";
+[sync]\ninterval = \"1h\"\nfull_interval = \"24h\"\nrequest_timeout = \"1s\"\npage_size = 5\nm1_batch_size = 5\nmax_concurrent_syncs = 64\nmax_response_mb = 1\n";
 
 /// Products per simulated shop; a sync row changes `TOUCHED` of them.
 const PRODUCTS: usize = 40;
@@ -769,7 +847,26 @@ fn probe_row(
             }
             Ok(())
         }
-        RunFails(..) | RunOk | Refused(..) => Err(seen.fail("a sync expectation on a probe row")),
+        Unaffected => {
+            let before = sim.counters().requests;
+            let t = Instant::now();
+            while sim.counters().requests < before + 6 {
+                if t.elapsed() > ROW_WAIT {
+                    return Err(seen.fail("no probes after the fault was switched on"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let s = d.shop(name);
+            seen.note(format!("after the fault: {}", brief(&s)));
+            if state(&s) != "healthy" || !s["problem"].is_null() {
+                return Err(seen.fail(format!("not healthy throughout: {s:#}")));
+            }
+            clear(row, sim);
+            Ok(())
+        }
+        RunFails(..) | RunOk | Refused(..) | RunOkRepaired => {
+            Err(seen.fail("a sync expectation on a probe row"))
+        }
     }
 }
 
@@ -880,6 +977,18 @@ fn sync_row(
                 return Err(seen.fail(format!("want an ok run with the changes: {run:#}")));
             }
         }
+        RunOkRepaired => {
+            if run["outcome"] != "ok" || run["fetched"].as_u64().unwrap_or(0) < TOUCHED as u64 {
+                return Err(seen.fail(format!("want an ok run with the changes: {run:#}")));
+            }
+            let named = shop_log(d, name)
+                .into_iter()
+                .find(|l| l.contains("that are not UTF-8") && l.contains("sku="));
+            match named {
+                Some(l) => seen.note(format!("log: {l}")),
+                None => return Err(seen.fail("no warning naming the product in the log")),
+            }
+        }
         Recovers(want_kind, evidence) => {
             if run["outcome"] != "ok"
                 || !run["error"].is_null()
@@ -922,7 +1031,9 @@ fn sync_row(
                 }
             }
         }
-        Problem(..) | Refused(..) => return Err(seen.fail("a probe expectation on a sync row")),
+        Problem(..) | Refused(..) | Unaffected => {
+            return Err(seen.fail("a probe expectation on a sync row"));
+        }
     }
     clear(row, sim);
     Ok(())
@@ -1017,7 +1128,14 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Truncated
             | Fault::Garbage
             | Fault::RateLimited { .. }
-            | Fault::Redirect { .. } => true,
+            | Fault::Redirect { .. }
+            | Fault::Oversized { .. }
+            | Fault::Bom
+            | Fault::PhpNotice
+            | Fault::Hangup
+            | Fault::HugeHeaders { .. }
+            | Fault::Latin1
+            | Fault::HugePage { .. } => true,
         }
     }
     let modes = [
@@ -1035,6 +1153,13 @@ fn matrix_covers_every_fault_mode() {
             status: 307,
             to: REDIRECT_TO.to_string(),
         },
+        Fault::Oversized { bytes: OVERSIZE },
+        Fault::Bom,
+        Fault::PhpNotice,
+        Fault::Hangup,
+        Fault::HugeHeaders { count: 2000 },
+        Fault::Latin1,
+        Fault::HugePage { items: HUGE_PAGE },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
         for p in [M1, M2] {
@@ -1083,6 +1208,7 @@ fn status_cell(e: Expect) -> String {
             code("healthy")
         ),
         Recovers(None, Relogin) => format!("{} (logs in again)", code("healthy")),
+        Unaffected => format!("{} (the probe does not meet it)", code("healthy")),
         _ => String::new(),
     }
 }
@@ -1092,12 +1218,13 @@ fn sync_cell(e: Expect) -> String {
     match e {
         RunFails(k, 1) => format!("fails at once: {}", code(k.as_str())),
         RunFails(k, n) => format!("fails after {n} attempts: {}", code(k.as_str())),
-        RunOk => "ok: the sync does not need it".to_string(),
+        RunOk => "ok: the sync is not affected".to_string(),
         Recovers(_, Retried) => "ok: failed requests are retried".to_string(),
         Recovers(_, RetryAfter) => "ok: waits as `Retry-After` asks, then retries".to_string(),
         Recovers(_, Relogin) => "ok: logs in again and repeats the call".to_string(),
         Refused(..) => "not started (409 `shop_unhealthy`)".to_string(),
-        Problem(..) => String::new(),
+        RunOkRepaired => "ok: the product is kept with U+FFFD for each bad byte; a warning names it (SKU, id, byte offset)".to_string(),
+        Problem(..) | Unaffected => String::new(),
     }
 }
 
@@ -1105,7 +1232,7 @@ fn expect_kind(e: Expect) -> Option<FailureKind> {
     match e {
         Problem(_, k) | RunFails(k, _) | Refused(_, k) => Some(k),
         Recovers(k, _) => k,
-        RunOk => None,
+        RunOk | Unaffected | RunOkRepaired => None,
     }
 }
 

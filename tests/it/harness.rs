@@ -24,6 +24,8 @@ pub struct Daemon {
     pub log_path: PathBuf,
     child: Option<Child>,
     envs: Vec<(String, String)>,
+    /// The daemon binary (`BIN` unless a test measures another build).
+    bin: PathBuf,
 }
 
 /// Writes a config with the temporary paths plus `extra` TOML. Sections in
@@ -47,6 +49,12 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &str, envs: &[(&str, &str)]) -> Daemon {
+        Self::start_bin(Path::new(BIN), extra, envs)
+    }
+
+    /// [`Daemon::start_with`] running `bin` as the daemon (the CLI stays
+    /// `BIN`).
+    pub fn start_bin(bin: &Path, extra: &str, envs: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("cobbyd-it")
             .tempdir()
@@ -63,6 +71,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bin: bin.to_path_buf(),
         };
         d.spawn();
         d.wait_healthy();
@@ -76,7 +85,7 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)

@@ -7,6 +7,7 @@ mod harness;
 mod daemon;
 mod disk;
 mod faults;
+mod memory;
 mod operate;
 mod security;
 mod shops;
