@@ -9,6 +9,7 @@
 //! next page while the previous one is written), so a crash loses nothing
 //! and a restart resumes from the checkpoint.
 
+pub mod limiter;
 pub mod m1;
 pub mod m2;
 
@@ -129,12 +130,17 @@ struct ShopSync {
     /// shows it for every shop, and reading it back from sled each time
     /// dominated status with a thousand shops.
     last_run: Mutex<Option<Option<RunRecord>>>,
+    /// Requests in flight against the shop (kept across runs: what the
+    /// shop's backpressure taught still holds for the next run).
+    limiter: limiter::ShopLimiter,
 }
 
 /// Owns the concurrency limits and the visible state of all syncs.
 pub struct SyncManager {
     permits: Arc<Semaphore>,
     limit: AtomicUsize,
+    /// `sync.shop_concurrency`: each shop's limiter's ceiling.
+    shop_concurrency: AtomicUsize,
     shops: Mutex<HashMap<String, Arc<ShopSync>>>,
 }
 
@@ -143,12 +149,23 @@ impl SyncManager {
         SyncManager {
             permits: Arc::new(Semaphore::new(cfg.sync.max_concurrent_syncs)),
             limit: AtomicUsize::new(cfg.sync.max_concurrent_syncs),
+            shop_concurrency: AtomicUsize::new(cfg.sync.shop_concurrency),
             shops: Mutex::new(HashMap::new()),
         }
     }
 
     /// Applies a changed `max_concurrent_syncs`.
     pub fn reconfigure(&self, cfg: &Config) {
+        self.shop_concurrency
+            .store(cfg.sync.shop_concurrency, Ordering::Relaxed);
+        for s in self
+            .shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.limiter.set_max(cfg.sync.shop_concurrency);
+        }
         let new = cfg.sync.max_concurrent_syncs;
         let old = self.limit.swap(new, Ordering::Relaxed);
         if new > old {
@@ -177,6 +194,9 @@ impl SyncManager {
                     cancel: watch::channel(false).0,
                     allow_mass_delete: std::sync::atomic::AtomicBool::new(false),
                     last_run: Mutex::new(None),
+                    limiter: limiter::ShopLimiter::new(
+                        self.shop_concurrency.load(Ordering::Relaxed),
+                    ),
                 })
             })
             .clone()
@@ -236,6 +256,11 @@ impl SyncManager {
             .get(name)
             .cloned()?;
         s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The shop's request limiter (status, metrics).
+    pub fn limiter_status(&self, name: &str) -> limiter::LimiterStatus {
+        self.shop(name).limiter.status()
     }
 
     fn queued(&self, name: &str) -> bool {
@@ -309,6 +334,7 @@ impl SyncManager {
             "products": products,
             "next_sync": next(JobKind::Sync),
             "next_full_sync": next(JobKind::FullSync),
+            "concurrency": self.limiter_status(&rec.name),
         });
         v["stores"] = Value::Object(stores);
         v
@@ -438,6 +464,13 @@ impl RunCtx<'_> {
         Ok(())
     }
 
+    /// The shop's request limiter: [`RunCtx::request`] takes a permit per
+    /// attempt; a walk reads [`limiter::ShopLimiter::limit`] to decide how
+    /// many workers are worth running.
+    pub fn limiter(&self) -> &limiter::ShopLimiter {
+        &self.shop.limiter
+    }
+
     /// Updates the visible progress.
     pub fn update(&self, f: impl FnOnce(&mut Progress)) {
         let mut g = self.shop.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -483,6 +516,10 @@ impl RunCtx<'_> {
 
     /// Runs a shop request with retries: transient failures are retried
     /// with backoff (honouring `Retry-After`), credential failures are not.
+    /// Each attempt holds a permit of the shop's limiter (so concurrent
+    /// callers stay within its limit) and tells it how the shop answered;
+    /// the wait before a retry holds none. Callers must not hold a permit
+    /// of their own meanwhile.
     pub async fn request<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, SyncError>
     where
         F: FnMut() -> Fut,
@@ -491,6 +528,13 @@ impl RunCtx<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let permit = {
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    p = self.shop.limiter.acquire() => p,
+                    _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                }
+            };
             self.update(|p| p.requests += 1);
             let timeout = self.cfg.sync.request_timeout;
             let result = match tokio::time::timeout(timeout + Duration::from_secs(1), f()).await {
@@ -503,6 +547,15 @@ impl RunCtx<'_> {
                     ),
                 )),
             };
+            match &result {
+                Ok(_) => permit.success(),
+                Err(e) => {
+                    if limiter::is_backpressure(e) {
+                        self.d.metrics.count_backpressure(&self.rec.name);
+                    }
+                    permit.failed(e)
+                }
+            }
             match result {
                 Ok(v) => {
                     self.d.metrics.count_request(&self.rec.name, "ok");

@@ -9,6 +9,7 @@ mod disk;
 mod faults;
 mod m1_safety;
 mod operate;
+mod runs;
 mod security;
 mod shops;
 mod soak;
