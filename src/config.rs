@@ -595,7 +595,7 @@ fn validate(c: &Config) -> Vec<(&'static str, String)> {
     }
     // NaN fails the range check too.
     if !(0.0..=1.0).contains(&c.sync.max_delete_share) {
-        return Err((
+        bad.push((
             "sync.max_delete_share",
             "must be a share between 0 and 1 (0.1: at most 10% of a mirror per run)".into(),
         ));
