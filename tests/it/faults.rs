@@ -96,12 +96,17 @@ enum Expect {
     /// Sync: refused with 409 `shop_unhealthy`, since the probe left the
     /// shop in this state with this kind; no run starts.
     Refused(&'static str, FailureKind),
-    /// Probe: the fault does not concern the probe; the shop stays
-    /// healthy.
-    Unaffected,
     /// Sync: the run succeeds; a product with a byte that is not UTF-8 is
     /// kept with U+FFFD in its place, and the log names it.
     RunOkRepaired,
+    /// Probe: the fault does not concern the probe; the shop stays healthy.
+    Healthy,
+    /// Sync: the run ends `partial` with a problem of this kind; nothing
+    /// is deleted and the mirror keeps every product.
+    Partial(FailureKind),
+    /// Sync: a full reconcile fails with this kind (no retry helps: the
+    /// answers arrived, they cannot be trusted); nothing is deleted.
+    FullFails(FailureKind),
 }
 
 /// A fault as the README names it.
@@ -250,8 +255,40 @@ const LATIN1: Situation = Situation {
 };
 const HUGEPAGE: Situation = Situation {
     id: "hugepage",
-    what: "M2 product listings ignore the page size (1,000 tiny products per answer)",
+    what: "Magento 2 product listings ignore the page size (1,000 tiny products per answer)",
     inject: Inject::Mode(Fault::HugePage { items: HUGE_PAGE }),
+};
+const M1_INFO_1: Situation = Situation {
+    id: "m1info1",
+    what: "Magento 1 `catalog_product.info` faults 1 (internal error) for some of the products the listing names",
+    inject: Inject::Mode(Fault::M1InfoFault { code: 1, every: 3 }),
+};
+const M1_INFO_101: Situation = Situation {
+    id: "m1info101",
+    what: "Magento 1 `catalog_product.info` answers 101 \"Product not exists.\" for every product the listing names",
+    inject: Inject::Mode(Fault::M1InfoFault {
+        code: 101,
+        every: 1,
+    }),
+};
+const M1_WRONG_ID: Situation = Situation {
+    id: "m1wrongid",
+    what: "Magento 1 `catalog_product.info` answers for another `product_id` than asked",
+    inject: Inject::Mode(Fault::M1InfoWrongId { every: 2 }),
+};
+const M1_RANGE: Situation = Situation {
+    id: "m1range",
+    what: "Magento 1 `catalog_product.list` ignores the `product_id` range (the same products for every range)",
+    inject: Inject::Mode(Fault::M1ListIgnoresRange),
+};
+/// A session id over the 256 bytes accepted (50 MB were seen).
+const HUGE_SESSION: u64 = 4096;
+const M1_SESSION_ID: Situation = Situation {
+    id: "m1sid",
+    what: "Magento 1 `login` answers a huge session id (Magento's are 32 hex characters)",
+    inject: Inject::Mode(Fault::M1HugeSession {
+        bytes: HUGE_SESSION,
+    }),
 };
 
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
@@ -368,7 +405,7 @@ const ROWS: &[Row] = &[
     row(&OVERSIZED, M2, Probe, Problem("degraded", K::TooLarge)),
     row(&OVERSIZED, M1, Sync, RunFails(K::TooLarge, 1)),
     row(&OVERSIZED, M2, Sync, RunFails(K::TooLarge, 1)),
-    row(&BOM, M1, Probe, Unaffected),
+    row(&BOM, M1, Probe, Healthy),
     row(&BOM, M2, Probe, Problem("degraded", K::Protocol)),
     row(&BOM, M1, Sync, RunOk),
     row(&BOM, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
@@ -385,13 +422,21 @@ const ROWS: &[Row] = &[
     row(&HEADERS, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
     row(&HEADERS, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
     row(&LATIN1, M1, Probe, Problem("degraded", K::Protocol)),
-    row(&LATIN1, M2, Probe, Unaffected),
+    row(&LATIN1, M2, Probe, Healthy),
     row(&LATIN1, M1, Sync, RunFails(K::Protocol, ATTEMPTS + 1)),
     row(&LATIN1, M2, Sync, RunOkRepaired),
-    row(&HUGEPAGE, M1, Probe, Unaffected),
     row(&HUGEPAGE, M2, Probe, Problem("degraded", K::Protocol)),
-    row(&HUGEPAGE, M1, Sync, RunOk),
     row(&HUGEPAGE, M2, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&M1_INFO_1, M1, Probe, Healthy),
+    row(&M1_INFO_1, M1, Sync, Partial(K::ServerError)),
+    row(&M1_INFO_101, M1, Probe, Healthy),
+    row(&M1_INFO_101, M1, Sync, Partial(K::Protocol)),
+    row(&M1_WRONG_ID, M1, Probe, Healthy),
+    row(&M1_WRONG_ID, M1, Sync, Partial(K::Protocol)),
+    row(&M1_RANGE, M1, Probe, Healthy),
+    row(&M1_RANGE, M1, Sync, FullFails(K::Protocol)),
+    row(&M1_SESSION_ID, M1, Probe, Problem("degraded", K::Protocol)),
+    row(&M1_SESSION_ID, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
 ];
 
 impl P {
@@ -847,24 +892,25 @@ fn probe_row(
             }
             Ok(())
         }
-        Unaffected => {
+        Healthy => {
+            // Requests, not M1 probe calls: the rows of both platforms.
             let before = sim.counters().requests;
             let t = Instant::now();
             while sim.counters().requests < before + 6 {
                 if t.elapsed() > ROW_WAIT {
-                    return Err(seen.fail("no probes after the fault was switched on"));
+                    return Err(seen.fail(format!("no probes: {:?}", sim.counters())));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
             let s = d.shop(name);
             seen.note(format!("after the fault: {}", brief(&s)));
-            if state(&s) != "healthy" || !s["problem"].is_null() {
+            if state(&s) != "healthy" || s["consecutive_failures"] != 0 || !s["problem"].is_null() {
                 return Err(seen.fail(format!("not healthy throughout: {s:#}")));
             }
             clear(row, sim);
             Ok(())
         }
-        RunFails(..) | RunOk | Refused(..) | RunOkRepaired => {
+        RunFails(..) | RunOk | Refused(..) | RunOkRepaired | Partial(_) | FullFails(_) => {
             Err(seen.fail("a sync expectation on a probe row"))
         }
     }
@@ -925,7 +971,12 @@ fn sync_row(
     let logins = sim.counters().m1_logins;
     let injected = sim.counters().faults_injected;
     inject(row, sim);
-    let (code, body) = d.http("POST", &format!("/v1/shops/{name}/sync"), Some("{}"));
+    let request = if matches!(row.expect, FullFails(_)) {
+        r#"{"full":true}"#
+    } else {
+        "{}"
+    };
+    let (code, body) = d.http("POST", &format!("/v1/shops/{name}/sync"), Some(request));
     if code != 202 {
         return Err(seen.fail(format!("sync request answered {code}: {body}")));
     }
@@ -969,6 +1020,31 @@ fn sync_row(
                 return Err(seen.fail(format!(
                     "want {attempts} attempts, the run made {}",
                     run["requests"]
+                )));
+            }
+        }
+        Partial(want_kind) | FullFails(want_kind) => {
+            let want_outcome = if matches!(row.expect, Partial(_)) {
+                "partial"
+            } else {
+                "failed"
+            };
+            if run["outcome"] != want_outcome || run["error"]["kind"] != want_kind.as_str() {
+                return Err(seen.fail(format!(
+                    "want a {want_outcome} run of kind {want_kind}: {run:#}"
+                )));
+            }
+            let hint = row.hint(want_kind);
+            if run["error"]["hint"] != hint.as_str() {
+                return Err(seen.fail(format!(
+                    "run hint differs\n  want: {hint}\n  got:  {}",
+                    run["error"]["hint"]
+                )));
+            }
+            if run["deleted"] != 0 || s["sync"]["products"] != PRODUCTS as u64 {
+                return Err(seen.fail(format!(
+                    "the mirror lost products: {run:#} products={}",
+                    s["sync"]["products"]
                 )));
             }
         }
@@ -1031,7 +1107,7 @@ fn sync_row(
                 }
             }
         }
-        Problem(..) | Refused(..) | Unaffected => {
+        Problem(..) | Refused(..) | Healthy => {
             return Err(seen.fail("a probe expectation on a sync row"));
         }
     }
@@ -1135,7 +1211,22 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Hangup
             | Fault::HugeHeaders { .. }
             | Fault::Latin1
-            | Fault::HugePage { .. } => true,
+            | Fault::HugePage { .. }
+            | Fault::M1InfoFault { .. }
+            | Fault::M1InfoWrongId { .. }
+            | Fault::M1ListIgnoresRange
+            | Fault::M1HugeSession { .. } => true,
+        }
+    }
+    // The platforms a mode concerns (each needs a probe and a sync row).
+    fn platforms(f: &Fault) -> &'static [P] {
+        match f {
+            Fault::M1InfoFault { .. }
+            | Fault::M1InfoWrongId { .. }
+            | Fault::M1ListIgnoresRange
+            | Fault::M1HugeSession { .. } => &[M1],
+            Fault::HugePage { .. } => &[M2],
+            _ => &[M1, M2],
         }
     }
     let modes = [
@@ -1160,9 +1251,15 @@ fn matrix_covers_every_fault_mode() {
         Fault::HugeHeaders { count: 2000 },
         Fault::Latin1,
         Fault::HugePage { items: HUGE_PAGE },
+        Fault::M1InfoFault { code: 1, every: 3 },
+        Fault::M1InfoWrongId { every: 2 },
+        Fault::M1ListIgnoresRange,
+        Fault::M1HugeSession {
+            bytes: HUGE_SESSION,
+        },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
-        for p in [M1, M2] {
+        for &p in platforms(m) {
             for phase in [Probe, Sync] {
                 let n = ROWS
                     .iter()
@@ -1175,7 +1272,9 @@ fn matrix_covers_every_fault_mode() {
                         mode == Some(m.name()) && r.p == p && r.phase == phase
                     })
                     .count();
-                assert_eq!(n, 1, "{} × {p:?} × {phase:?}: {n} rows", m.name());
+                // More than one when a mode is met with several settings
+                // (fault 1 and fault 101 of `m1_info_fault`).
+                assert!(n >= 1, "{} × {p:?} × {phase:?}: no row", m.name());
             }
         }
     }
@@ -1208,7 +1307,7 @@ fn status_cell(e: Expect) -> String {
             code("healthy")
         ),
         Recovers(None, Relogin) => format!("{} (logs in again)", code("healthy")),
-        Unaffected => format!("{} (the probe does not meet it)", code("healthy")),
+        Healthy => format!("{} (the probe does not meet it)", code("healthy")),
         _ => String::new(),
     }
 }
@@ -1224,15 +1323,24 @@ fn sync_cell(e: Expect) -> String {
         Recovers(_, Relogin) => "ok: logs in again and repeats the call".to_string(),
         Refused(..) => "not started (409 `shop_unhealthy`)".to_string(),
         RunOkRepaired => "ok: the product is kept with U+FFFD for each bad byte; a warning names it (SKU, id, byte offset)".to_string(),
-        Problem(..) | Unaffected => String::new(),
+        Partial(k) => format!(
+            "ends {} ({}): nothing deleted, those products keep their mirrored copy, the checkpoint stays",
+            code("partial"),
+            code(k.as_str())
+        ),
+        FullFails(k) => format!(
+            "a full sync stops at once: {}, nothing deleted",
+            code(k.as_str())
+        ),
+        Problem(..) | Healthy => String::new(),
     }
 }
 
 fn expect_kind(e: Expect) -> Option<FailureKind> {
     match e {
-        Problem(_, k) | RunFails(k, _) | Refused(_, k) => Some(k),
+        Problem(_, k) | RunFails(k, _) | Refused(_, k) | Partial(k) | FullFails(k) => Some(k),
         Recovers(k, _) => k,
-        RunOk | Unaffected | RunOkRepaired => None,
+        RunOk | Healthy | RunOkRepaired => None,
     }
 }
 
