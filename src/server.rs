@@ -145,9 +145,13 @@ fn check_dir(socket: &Path, dir: &Path) -> Result<(), BindError> {
 
 /// One open control connection, as the cap sees it.
 struct Conn {
-    /// Requests in progress (from the headers to the end of the answer's
-    /// body). A connection with none may be evicted.
+    /// Requests in progress (from the end of the request body to the end
+    /// of the answer's body). A connection with none may be evicted.
     busy: Arc<AtomicUsize>,
+    /// Requests whose headers arrived and whose body has not: evicted only
+    /// when no connection is wholly idle, so a client whose body is on its
+    /// way loses its slot only to a flood of such clients.
+    reading: Arc<AtomicUsize>,
     abort: tokio::task::AbortHandle,
 }
 
@@ -169,7 +173,8 @@ where
         open: BTreeMap::new(),
     }));
     let guard = ConnGuard { id: 0, table };
-    serve_connection(stream, router, Arc::new(AtomicUsize::new(0)), guard).await;
+    let counter = || Arc::new(AtomicUsize::new(0));
+    serve_connection(stream, router, counter(), counter(), guard).await;
 }
 
 /// Removes a connection from the table when its task ends (or is aborted).
@@ -196,13 +201,17 @@ fn lock(t: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
 /// out.
 struct BusySlot {
     busy: Arc<AtomicUsize>,
+    /// Counts this request as reading its body until it is marked busy
+    /// (or dropped).
+    reading: Mutex<Option<BusyGuard>>,
     guard: Mutex<Option<BusyGuard>>,
 }
 
 impl BusySlot {
-    fn new(busy: &Arc<AtomicUsize>) -> Arc<BusySlot> {
+    fn new(busy: &Arc<AtomicUsize>, reading: &Arc<AtomicUsize>) -> Arc<BusySlot> {
         Arc::new(BusySlot {
             busy: busy.clone(),
+            reading: Mutex::new(Some(BusyGuard::new(reading))),
             guard: Mutex::new(None),
         })
     }
@@ -212,6 +221,11 @@ impl BusySlot {
         if g.is_none() {
             *g = Some(BusyGuard::new(&self.busy));
         }
+        drop(g);
+        self.reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 
@@ -338,13 +352,15 @@ async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_con
                 continue;
             }
         };
-        let (id, busy) = {
+        let (id, busy, reading) = {
             let mut t = lock(&table);
             if t.open.len() >= max {
+                let idle = |c: &Conn| c.busy.load(Ordering::SeqCst) == 0;
                 let victim = t
                     .open
                     .iter()
-                    .find(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
+                    .find(|(_, c)| idle(c) && c.reading.load(Ordering::SeqCst) == 0)
+                    .or_else(|| t.open.iter().find(|(_, c)| idle(c)))
                     .map(|(id, _)| *id);
                 match victim.and_then(|v| t.open.remove(&v)) {
                     Some(c) => {
@@ -366,7 +382,11 @@ async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_con
                 }
             }
             t.next_id += 1;
-            (t.next_id, Arc::new(AtomicUsize::new(0)))
+            (
+                t.next_id,
+                Arc::new(AtomicUsize::new(0)),
+                Arc::new(AtomicUsize::new(0)),
+            )
         };
         // Registered under the lock after the spawn, so the guard's removal
         // cannot run before the insertion.
@@ -379,12 +399,14 @@ async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_con
             stream,
             router.clone(),
             busy.clone(),
+            reading.clone(),
             guard,
         ));
         t.open.insert(
             id,
             Conn {
                 busy,
+                reading,
                 abort: task.abort_handle(),
             },
         );
@@ -418,12 +440,13 @@ async fn serve_connection<S>(
     stream: S,
     router: axum::Router,
     busy: Arc<AtomicUsize>,
+    reading: Arc<AtomicUsize>,
     guard: ConnGuard,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let slot = BusySlot::new(&busy);
+        let slot = BusySlot::new(&busy, &reading);
         if hyper::body::Body::is_end_stream(req.body()) {
             slot.mark();
         }
