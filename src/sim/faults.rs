@@ -55,6 +55,15 @@ pub enum Fault {
         /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
         to: String,
     },
+    /// The API routes fail with the shop's own error text: Magento 2
+    /// answers 500 `{"message": message}`, Magento 1 an XML-RPC fault 1
+    /// with `message` as its `faultString`. For text a shop controls
+    /// (control characters, CR/LF, bidi overrides) reaching status, the
+    /// CLI and the log.
+    Message {
+        /// The error text, sent as it is.
+        message: std::borrow::Cow<'static, str>,
+    },
 }
 
 impl Fault {
@@ -71,13 +80,15 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
             Fault::Redirect { .. } => "redirect",
+            Fault::Message { .. } => "message",
         }
     }
 
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
-    /// "http://127.0.0.2:8080"}`, or a bare mode name.
+    /// "http://127.0.0.2:8080"}`, `{"mode": "message", "message": "..."}`,
+    /// or a bare mode name.
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -118,6 +129,14 @@ impl Fault {
                     to: to.to_string(),
                 }
             }
+            "message" => Fault::Message {
+                message: v
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .ok_or("message needs \"message\" (the error text)")?
+                    .to_string()
+                    .into(),
+            },
             other => return Err(format!("unknown fault mode {other:?}")),
         })
     }
@@ -133,6 +152,7 @@ impl Fault {
                 v["status"] = (*status).into();
                 v["to"] = to.as_str().into();
             }
+            Fault::Message { message } => v["message"] = message.as_ref().into(),
             _ => {}
         }
         v
@@ -182,6 +202,17 @@ pub fn rate_limited(retry_after_s: u64) -> Resp {
     r.headers_mut()
         .insert(hyper::header::RETRY_AFTER, retry_after_s.into());
     r
+}
+
+/// The shop's own error with `message`: 500 JSON on REST, an XML-RPC
+/// fault 1 on XML-RPC.
+pub fn message(xmlrpc: bool, message: &str) -> Resp {
+    if xmlrpc {
+        crate::sim::server::xml(crate::magento::xmlrpc::encode_fault(1, message))
+    } else {
+        let body = serde_json::json!({ "message": message });
+        json_bytes(500, body.to_string().into_bytes())
+    }
 }
 
 /// A redirect to `to` plus the request's path and query.
@@ -272,6 +303,9 @@ mod tests {
             Fault::Redirect {
                 status: 308,
                 to: "http://127.0.0.2:9".into(),
+            },
+            Fault::Message {
+                message: "Internal\u{1b}[2J\r\n\u{202e}".into(),
             },
         ] {
             assert_eq!(Fault::from_json(&f.to_json()), Ok(f));

@@ -604,13 +604,19 @@ pub enum AttrValue {
     Text(String),
     /// `category_ids`.
     List(Vec<String>),
+    /// JSON text sent as it is ([`SimHandle::set_raw_attribute`]): what a
+    /// broken extension may put in an answer (nesting 100,000 deep, a
+    /// lone surrogate `"\ud800"`, control characters).
+    ///
+    /// [`SimHandle::set_raw_attribute`]: crate::sim::SimHandle::set_raw_attribute
+    Raw(Box<serde_json::value::RawValue>),
 }
 
 /// `custom_attributes[]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CustomAttribute {
     /// Attribute code.
-    pub attribute_code: &'static str,
+    pub attribute_code: std::borrow::Cow<'static, str>,
     /// Value.
     pub value: AttrValue,
 }
@@ -665,41 +671,41 @@ impl Item {
         let description = catalog::description_for(seed, r.id, lang);
         if !description.is_empty() {
             attrs.push(CustomAttribute {
-                attribute_code: "description",
+                attribute_code: "description".into(),
                 value: AttrValue::Text(description),
             });
         }
         attrs.push(CustomAttribute {
-            attribute_code: "meta_title",
+            attribute_code: "meta_title".into(),
             value: AttrValue::Text(name.clone()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "url_key",
+            attribute_code: "url_key".into(),
             value: AttrValue::Text(catalog::url_key_for(seed, r.id)),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "category_ids",
+            attribute_code: "category_ids".into(),
             value: AttrValue::List(cats.iter().map(u32::to_string).collect()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "options_container",
+            attribute_code: "options_container".into(),
             value: AttrValue::Text("container2".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "required_options",
+            attribute_code: "required_options".into(),
             value: AttrValue::Text("0".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "has_options",
+            attribute_code: "has_options".into(),
             value: AttrValue::Text("0".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "tax_class_id",
+            attribute_code: "tax_class_id".into(),
             value: AttrValue::Text("2".into()),
         });
         if let Some(c) = catalog::color_for(seed, r.id) {
             attrs.push(CustomAttribute {
-                attribute_code: "color",
+                attribute_code: "color".into(),
                 value: AttrValue::Text(c.to_string()),
             });
         }
@@ -846,7 +852,8 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
             let Some(r) = found else {
                 return product_missing();
             };
-            let item = Item::new(inner.cfg.seed, &r, lang, true);
+            let mut item = Item::new(inner.cfg.seed, &r, lang, true);
+            inner.add_raw_attributes(&mut item);
             let fields = Node::parse_query(req.uri().query().unwrap_or(""))
                 .get("fields")
                 .and_then(Node::leaf)
@@ -888,7 +895,11 @@ async fn list_products(inner: &Arc<Inner>, raw_query: &str, lang: Lang) -> Resp 
         let items: Vec<Item> = page
             .rows
             .iter()
-            .map(|r| Item::new(seed, r, lang, false))
+            .map(|r| {
+                let mut item = Item::new(seed, r, lang, false);
+                inner2.add_raw_attributes(&mut item);
+                item
+            })
             .collect();
         let answer = ListAnswer {
             items: &items,
@@ -943,7 +954,11 @@ async fn put_product(inner: &Arc<Inner>, req: Request<Incoming>, sku: &str, lang
         c.get(r.id)
     };
     match row {
-        Some(r) => json(200, &Item::new(inner.cfg.seed, &r, lang, true)),
+        Some(r) => {
+            let mut item = Item::new(inner.cfg.seed, &r, lang, true);
+            inner.add_raw_attributes(&mut item);
+            json(200, &item)
+        }
         None => product_missing(),
     }
 }

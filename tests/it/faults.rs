@@ -204,6 +204,16 @@ const REDIRECT: Situation = Situation {
     inject: Inject::RedirectAway,
 };
 
+/// A shop error whose text tries to rewrite the terminal and forge lines.
+const MESSAGE_TEXT: &str = "Internal Error.\u{1b}[2J\r\nacme  magento2  healthy\u{202e}";
+const MESSAGE: Situation = Situation {
+    id: "message",
+    what: "the shop's error text carries control characters (ESC, CR/LF, bidi overrides): shown escaped",
+    inject: Inject::Mode(Fault::Message {
+        message: std::borrow::Cow::Borrowed(MESSAGE_TEXT),
+    }),
+};
+
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
     Row {
         sit,
@@ -255,6 +265,10 @@ const ROWS: &[Row] = &[
     row(&FLAKY, M2, Probe, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M1, Sync, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M2, Sync, Recovers(Some(K::ServerError), Retried)),
+    row(&MESSAGE, M1, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M2, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M1, Sync, RunFails(K::ServerError, ATTEMPTS)),
+    row(&MESSAGE, M2, Sync, RunFails(K::ServerError, ATTEMPTS)),
     row(&TRUNC, M1, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M2, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
@@ -1017,7 +1031,8 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Truncated
             | Fault::Garbage
             | Fault::RateLimited { .. }
-            | Fault::Redirect { .. } => true,
+            | Fault::Redirect { .. }
+            | Fault::Message { .. } => true,
         }
     }
     let modes = [
@@ -1034,6 +1049,9 @@ fn matrix_covers_every_fault_mode() {
         Fault::Redirect {
             status: 307,
             to: REDIRECT_TO.to_string(),
+        },
+        Fault::Message {
+            message: MESSAGE_TEXT.into(),
         },
     ];
     for m in modes.iter().filter(|m| listed(m)) {

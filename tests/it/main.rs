@@ -8,6 +8,7 @@ mod daemon;
 mod disk;
 mod faults;
 mod operate;
+mod ops;
 mod security;
 mod shops;
 mod soak;
