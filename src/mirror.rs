@@ -154,6 +154,10 @@ pub struct RunCursor {
     /// never moves past it: a product read early and saved again while the
     /// run goes on has an `updated_at` between the two.
     pub shop_clock: Option<String>,
+    /// This run was allowed to delete more than `sync.max_delete_share`
+    /// (`--allow-mass-delete`); kept so that a resumed run keeps it.
+    #[serde(default)]
+    pub allow_mass_delete: bool,
 }
 
 /// Counts of what a page did to the mirror.
