@@ -184,13 +184,18 @@ pub fn render(d: &Daemon) -> String {
     );
     let mut failures = String::new();
     let mut healthy = String::new();
+    let mut sync_failed = String::new();
     for s in &shops {
         let h = d.health.get(&s.name);
         let name = label(&s.name);
         let _ = writeln!(
             healthy,
-            "cobbyd_shop_healthy{{shop=\"{name}\"}} {}\ncobbyd_shop_last_sync_failed{{shop=\"{name}\"}} {}",
-            u8::from(crate::sync::shop_healthy(d, &s.name)),
+            "cobbyd_shop_healthy{{shop=\"{name}\"}} {}",
+            u8::from(crate::sync::shop_healthy(d, &s.name))
+        );
+        let _ = writeln!(
+            sync_failed,
+            "cobbyd_shop_last_sync_failed{{shop=\"{name}\"}} {}",
             u8::from(d.syncs.problem(&d.store, &s.name).is_some())
         );
         for st in states {
@@ -214,9 +219,14 @@ pub fn render(d: &Daemon) -> String {
     out.push_str(&failures);
     let _ = writeln!(
         out,
-        "# HELP cobbyd_shop_healthy 1 when the shop's last probe passed and its last sync did not fail (as `cobbyd status` judges it).\n# TYPE cobbyd_shop_healthy gauge\n# HELP cobbyd_shop_last_sync_failed 1 when the shop's last sync run failed.\n# TYPE cobbyd_shop_last_sync_failed gauge"
+        "# HELP cobbyd_shop_healthy 1 when the shop's last probe passed and its last sync did not fail (as `cobbyd status` judges it).\n# TYPE cobbyd_shop_healthy gauge"
     );
     out.push_str(&healthy);
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_last_sync_failed 1 when the shop's last sync run failed.\n# TYPE cobbyd_shop_last_sync_failed gauge"
+    );
+    out.push_str(&sync_failed);
 
     let _ = writeln!(
         out,

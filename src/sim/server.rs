@@ -397,7 +397,13 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
     let is_xmlrpc = matches!(area, Area::XmlRpc) && routed;
     let is_api = is_rest || is_xmlrpc;
     match &fault {
-        Fault::None | Fault::Truncated => {}
+        // The Magento 1 modes are answered by the XML-RPC API itself.
+        Fault::None
+        | Fault::Truncated
+        | Fault::M1InfoFault { .. }
+        | Fault::M1InfoWrongId { .. }
+        | Fault::M1ListIgnoresRange
+        | Fault::M1HugeSession { .. } => {}
         Fault::Down => {
             bump(&c.faults_injected);
             return Err(io::Error::new(
