@@ -55,6 +55,29 @@ pub enum Fault {
         /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
         to: String,
     },
+    /// Magento 2 listings (`GET /V1/products`) answer `total_count` as at
+    /// most `total`, while their pages stay as full as the catalog makes
+    /// them: a listing that claims fewer products than it sends (a broken
+    /// collection plugin or a cache in front of the count query).
+    ShortTotal {
+        /// The largest `total_count` answered.
+        total: u64,
+    },
+    /// Magento 2 listings hold only the `items` products with the lowest
+    /// ids; `total_count` still counts the whole match (a listing cut
+    /// short by a proxy or a half-updated module: "10 of 300").
+    PartialListing {
+        /// Products the listings still hold.
+        items: u64,
+    },
+    /// Magento 2 listings always answer a full page of products with new
+    /// ids past the query's lower `entity_id` bound (or past every id
+    /// answered so far), updated now, with this `total_count`: a catalog
+    /// without end.
+    Endless {
+        /// The `total_count` answered.
+        total: u64,
+    },
 }
 
 impl Fault {
@@ -71,13 +94,18 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
             Fault::Redirect { .. } => "redirect",
+            Fault::ShortTotal { .. } => "short_total",
+            Fault::PartialListing { .. } => "partial_listing",
+            Fault::Endless { .. } => "endless",
         }
     }
 
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
-    /// "http://127.0.0.2:8080"}`, or a bare mode name.
+    /// "http://127.0.0.2:8080"}`, `{"mode": "short_total", "total": 3}`,
+    /// `{"mode": "partial_listing", "items": 10}`, `{"mode": "endless",
+    /// "total": 1000000000000}`, or a bare mode name.
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -118,6 +146,15 @@ impl Fault {
                     to: to.to_string(),
                 }
             }
+            "short_total" => Fault::ShortTotal {
+                total: num("total").ok_or("short_total needs \"total\"")?,
+            },
+            "partial_listing" => Fault::PartialListing {
+                items: num("items").ok_or("partial_listing needs \"items\"")?,
+            },
+            "endless" => Fault::Endless {
+                total: num("total").unwrap_or(1_000_000_000_000),
+            },
             other => return Err(format!("unknown fault mode {other:?}")),
         })
     }
@@ -133,6 +170,8 @@ impl Fault {
                 v["status"] = (*status).into();
                 v["to"] = to.as_str().into();
             }
+            Fault::ShortTotal { total } | Fault::Endless { total } => v["total"] = (*total).into(),
+            Fault::PartialListing { items } => v["items"] = (*items).into(),
             _ => {}
         }
         v
@@ -273,6 +312,9 @@ mod tests {
                 status: 308,
                 to: "http://127.0.0.2:9".into(),
             },
+            Fault::ShortTotal { total: 3 },
+            Fault::PartialListing { items: 10 },
+            Fault::Endless { total: 7 },
         ] {
             assert_eq!(Fault::from_json(&f.to_json()), Ok(f));
         }

@@ -2,7 +2,7 @@
 //! per shop and at most `sync.max_concurrent_syncs` in all; keeps progress
 //! visible; records each run in the `runs` tree.
 //!
-//! The platform walks live in [`m2`] (keyset paging by `updated_at`,
+//! The platform walks live in [`m2`] (an `entity_id` range walk, then keyset paging by `updated_at`,
 //! `entity_id`) and [`m1`] (id ranges, `multiCall` details). Both write
 //! through [`crate::mirror::Mirror::apply`] and flush a page with its
 //! checkpoint before the next page is stored (the M2 catch-up fetches the
@@ -80,7 +80,8 @@ pub struct RunRecord {
     pub kind: String,
     pub started_at: String,
     pub ended_at: String,
-    /// `ok`, `failed`, `interrupted`, `cancelled`.
+    /// `ok`, `partial` (it completed but met inconsistent answers or bad
+    /// data: `error` names them), `failed`, `interrupted`, `cancelled`.
     pub outcome: String,
     pub resumed: bool,
     pub duration_ms: u64,
@@ -367,9 +368,52 @@ pub struct RunCtx<'a> {
     stop: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
     pub last_item_error: Option<String>,
+    /// Inconsistent or suspicious answers met by this run: the run ends
+    /// `partial` with them as its problem (bounded: see [`RunCtx::problem`]).
+    problems: Mutex<Problems>,
 }
 
+/// The problems of a run, kept bounded: the first few in full, then a count.
+#[derive(Debug, Default)]
+struct Problems {
+    shown: Vec<String>,
+    more: u64,
+}
+
+/// Problems a run keeps word for word; later ones are counted.
+const MAX_PROBLEMS: usize = 5;
+
 impl RunCtx<'_> {
+    /// Records an inconsistent answer (or bad data) the run met and went on
+    /// from: the run ends `partial`, never `ok`, with the problem named. A
+    /// problem already recorded is not repeated.
+    pub fn problem(&self, message: impl Into<String>) {
+        let message = message.into();
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if p.shown.contains(&message) {
+            return;
+        }
+        tracing::warn!(shop = %self.rec.name, run = self.run_id, "{message}");
+        if p.shown.len() < MAX_PROBLEMS {
+            p.shown.push(message);
+        } else {
+            p.more += 1;
+        }
+    }
+
+    /// The problems recorded so far, as one message (`None`: none).
+    fn problems_message(&self) -> Option<String> {
+        let p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if p.shown.is_empty() {
+            return None;
+        }
+        let mut m = p.shown.join("; ");
+        if p.more > 0 {
+            m.push_str(&format!("; and {} more", p.more));
+        }
+        Some(m)
+    }
+
     /// Checked between pages: a page in flight always completes.
     pub fn check(&self) -> Result<(), SyncError> {
         if *self.cancel.borrow() {
@@ -553,6 +597,7 @@ async fn run(
         stop,
         cancel: shop.cancel.subscribe(),
         last_item_error: None,
+        problems: Mutex::new(Problems::default()),
     };
     let result = async {
         let client = d
@@ -586,7 +631,9 @@ async fn run(
         .take()
         .unwrap_or_default();
     let took = started.elapsed();
+    let problems = ctx.problems_message();
     let outcome = match &result {
+        Ok(()) if problems.is_some() => "partial",
         Ok(()) => "ok",
         Err(SyncError::Interrupted) => "interrupted",
         Err(SyncError::Cancelled) => "cancelled",
@@ -600,6 +647,12 @@ async fn run(
             "kind": "storage", "message": p.message, "hint": p.hint,
         })),
         Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
+        Ok(()) => problems.as_ref().map(|m| {
+            json!({
+                "kind": FailureKind::Protocol, "message": m,
+                "hint": crate::health::hint_for(FailureKind::Protocol, rec),
+            })
+        }),
         _ => None,
     };
     let record = RunRecord {

@@ -96,6 +96,9 @@ enum Expect {
     /// Sync: refused with 409 `shop_unhealthy`, since the probe left the
     /// shop in this state with this kind; no run starts.
     Refused(&'static str, FailureKind),
+    /// Sync: the run completes what the shop gave but ends `partial` with a
+    /// problem of this kind naming the inconsistency; nothing is deleted.
+    Inconsistent(FailureKind),
 }
 
 /// A fault as the README names it.
@@ -202,6 +205,24 @@ const REDIRECT: Situation = Situation {
     id: "redirect",
     what: "the API answers 307 to another host (the shop moved, or a proxy sends the API elsewhere)",
     inject: Inject::RedirectAway,
+};
+
+const SHORT_TOTAL: Situation = Situation {
+    id: "short_total",
+    what: "Magento 2 listings answer a `total_count` smaller than the products they send",
+    inject: Inject::Mode(Fault::ShortTotal { total: 3 }),
+};
+const PARTIAL: Situation = Situation {
+    id: "partial",
+    what: "Magento 2 listings hold only some products (10 of 40) while `total_count` counts all (a proxy or half-updated module)",
+    inject: Inject::Mode(Fault::PartialListing { items: 10 }),
+};
+const ENDLESS: Situation = Situation {
+    id: "endless",
+    what: "a Magento 2 listing never ends: full pages of new ids, `total_count` 10^12",
+    inject: Inject::Mode(Fault::Endless {
+        total: 1_000_000_000_000,
+    }),
 };
 
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
@@ -314,6 +335,9 @@ const ROWS: &[Row] = &[
     row(&PATH, M2, Probe, Problem("misconfigured", K::HttpStatus)),
     row(&PATH, M1, Sync, Refused("misconfigured", K::HttpStatus)),
     row(&PATH, M2, Sync, Refused("misconfigured", K::HttpStatus)),
+    row(&SHORT_TOTAL, M2, Sync, Inconsistent(K::Protocol)),
+    row(&PARTIAL, M2, Sync, Inconsistent(K::Protocol)),
+    row(&ENDLESS, M2, Sync, RunFails(K::Protocol, 1)),
 ];
 
 impl P {
@@ -769,7 +793,9 @@ fn probe_row(
             }
             Ok(())
         }
-        RunFails(..) | RunOk | Refused(..) => Err(seen.fail("a sync expectation on a probe row")),
+        RunFails(..) | RunOk | Refused(..) | Inconsistent(..) => {
+            Err(seen.fail("a sync expectation on a probe row"))
+        }
     }
 }
 
@@ -922,6 +948,24 @@ fn sync_row(
                 }
             }
         }
+        Inconsistent(want_kind) => {
+            if run["outcome"] != "partial" || run["error"]["kind"] != want_kind.as_str() {
+                return Err(seen.fail(format!(
+                    "want a partial run with a {want_kind} problem: {run:#}"
+                )));
+            }
+            let hint = row.hint(want_kind);
+            if run["error"]["hint"] != hint.as_str() {
+                return Err(seen.fail(format!(
+                    "run hint differs\n  want: {hint}\n  got:  {}",
+                    run["error"]["hint"]
+                )));
+            }
+            let was = before["sync"]["products"].as_u64().unwrap_or(0);
+            if s["sync"]["products"].as_u64().unwrap_or(0) < was {
+                return Err(seen.fail(format!("products were deleted: {was} → {:#}", s["sync"])));
+            }
+        }
         Problem(..) | Refused(..) => return Err(seen.fail("a probe expectation on a sync row")),
     }
     clear(row, sim);
@@ -1017,7 +1061,20 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Truncated
             | Fault::Garbage
             | Fault::RateLimited { .. }
-            | Fault::Redirect { .. } => true,
+            | Fault::Redirect { .. }
+            | Fault::ShortTotal { .. }
+            | Fault::PartialListing { .. }
+            | Fault::Endless { .. } => true,
+        }
+    }
+    // The listing modes act on Magento 2 product listings only, which a
+    // probe does not page: one sync row each.
+    fn scope(f: &Fault) -> &'static [(P, Phase)] {
+        match f {
+            Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {
+                &[(M2, Sync)]
+            }
+            _ => &[(M1, Probe), (M1, Sync), (M2, Probe), (M2, Sync)],
         }
     }
     let modes = [
@@ -1035,10 +1092,13 @@ fn matrix_covers_every_fault_mode() {
             status: 307,
             to: REDIRECT_TO.to_string(),
         },
+        Fault::ShortTotal { total: 3 },
+        Fault::PartialListing { items: 10 },
+        Fault::Endless { total: 1 },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
-        for p in [M1, M2] {
-            for phase in [Probe, Sync] {
+        for &(p, phase) in scope(m) {
+            {
                 let n = ROWS
                     .iter()
                     .filter(|r| {
@@ -1097,13 +1157,18 @@ fn sync_cell(e: Expect) -> String {
         Recovers(_, RetryAfter) => "ok: waits as `Retry-After` asks, then retries".to_string(),
         Recovers(_, Relogin) => "ok: logs in again and repeats the call".to_string(),
         Refused(..) => "not started (409 `shop_unhealthy`)".to_string(),
+        Inconsistent(k) => format!(
+            "{} with a {} problem naming the inconsistency; nothing is deleted",
+            code("partial"),
+            code(k.as_str())
+        ),
         Problem(..) => String::new(),
     }
 }
 
 fn expect_kind(e: Expect) -> Option<FailureKind> {
     match e {
-        Problem(_, k) | RunFails(k, _) | Refused(_, k) => Some(k),
+        Problem(_, k) | RunFails(k, _) | Refused(_, k) | Inconsistent(k) => Some(k),
         Recovers(k, _) => k,
         RunOk => None,
     }
