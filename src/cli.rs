@@ -172,6 +172,11 @@ pub struct SyncArgs {
     /// Follow progress until the run ends; exit non-zero if it failed.
     #[arg(long)]
     pub wait: bool,
+    /// With --full: let this one run delete more than
+    /// `sync.max_delete_share` of a mirror (after a run was held because
+    /// the shop really lost that many products).
+    #[arg(long, requires = "full")]
+    pub allow_mass_delete: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

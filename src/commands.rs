@@ -673,7 +673,7 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
         .request(
             Method::POST,
             &format!("/v1/shops/{name}/sync"),
-            Some(&json!({"full": args.full})),
+            Some(&json!({"full": args.full, "allow_mass_delete": args.allow_mass_delete})),
         )
         .await
     {

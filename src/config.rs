@@ -92,6 +92,10 @@ pub struct SyncConfig {
     pub max_response_mb: u64,
     /// Sync runs kept per shop in the `runs` tree.
     pub keep_runs: usize,
+    /// Largest share of a store view's mirror (0..=1) one full reconcile
+    /// may delete; a run that would delete more deletes nothing and asks
+    /// for `cobbyd sync NAME --full --allow-mass-delete`.
+    pub max_delete_share: f64,
 }
 
 /// `[metrics]`
@@ -141,6 +145,7 @@ impl Default for SyncConfig {
             m1_id_range: 1000,
             max_response_mb: 64,
             keep_runs: 20,
+            max_delete_share: 0.1,
         }
     }
 }
@@ -349,6 +354,13 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     if !(1..=10_000).contains(&c.sync.keep_runs) {
         return Err(("sync.keep_runs", "must be between 1 and 10000".into()));
     }
+    // NaN fails the range check too.
+    if !(0.0..=1.0).contains(&c.sync.max_delete_share) {
+        return Err((
+            "sync.max_delete_share",
+            "must be a share between 0 and 1 (0.1: at most 10% of a mirror per run)".into(),
+        ));
+    }
     if !(1..=4096).contains(&c.daemon.max_connections) {
         return Err((
             "daemon.max_connections",
@@ -484,6 +496,16 @@ mod tests {
         assert_eq!(e.key, "probe.backoff_initial");
         let e = load_text("[daemon]\nlog_level = \"=\"\n", &[]).unwrap_err();
         assert_eq!(e.key, "daemon.log_level");
+        for bad in ["1.5", "-0.1", "nan"] {
+            let e = load_text(&format!("[sync]\nmax_delete_share = {bad}\n"), &[]).unwrap_err();
+            assert_eq!(e.key, "sync.max_delete_share", "{bad}: {e}");
+        }
+        for good in ["0", "0.25", "1"] {
+            let l = load_text(&format!("[sync]\nmax_delete_share = {good}\n"), &[]).unwrap();
+            assert_eq!(l.config.sync.max_delete_share, good.parse::<f64>().unwrap());
+        }
+        let l = load_text("", &[("COBBYD__SYNC__MAX_DELETE_SHARE", "0.5")]).unwrap();
+        assert_eq!(l.config.sync.max_delete_share, 0.5);
     }
 
     #[test]

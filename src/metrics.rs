@@ -63,6 +63,8 @@ struct Inner {
     last_success: BTreeMap<String, f64>,
     /// (shop, outcome) → requests; outcome is `ok` or a failure kind.
     requests: BTreeMap<(String, String), u64>,
+    /// shop → answers that asked to slow down (429, 503, `Retry-After`).
+    backpressure: BTreeMap<String, u64>,
 }
 
 /// The daemon's metric registry.
@@ -96,6 +98,15 @@ impl Metrics {
             .inner()
             .requests
             .entry((shop.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Counts a shop answer that asked to slow down.
+    pub fn count_backpressure(&self, shop: &str) {
+        *self
+            .inner()
+            .backpressure
+            .entry(shop.to_string())
             .or_default() += 1;
     }
 
@@ -290,6 +301,31 @@ pub fn render(d: &Daemon) -> String {
             "cobbyd_shop_requests_total{{shop=\"{}\",outcome=\"{}\"}} {n}",
             label(shop),
             label(outcome)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_backpressure_total Shop answers that asked to slow down (429, 503, Retry-After).\n# TYPE cobbyd_shop_backpressure_total counter"
+    );
+    for s in &shops {
+        let n = i.backpressure.get(&s.name).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "cobbyd_shop_backpressure_total{{shop=\"{}\"}} {n}",
+            label(&s.name)
+        );
+    }
+    drop(i);
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_concurrency_limit Requests a sync may have in flight against the shop now (halved on backpressure, grows back by one).\n# TYPE cobbyd_shop_concurrency_limit gauge"
+    );
+    for s in &shops {
+        let _ = writeln!(
+            out,
+            "cobbyd_shop_concurrency_limit{{shop=\"{}\"}} {}",
+            label(&s.name),
+            d.syncs.limiter_status(&s.name).limit
         );
     }
     let _ = writeln!(

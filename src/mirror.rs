@@ -154,6 +154,10 @@ pub struct RunCursor {
     /// walk). The checkpoint never moves past it: a product read early and
     /// saved again while the run goes on has an `updated_at` between the two.
     pub shop_clock: Option<String>,
+    /// This run was allowed to delete more than `sync.max_delete_share`
+    /// (`--allow-mass-delete`); kept so that a resumed run keeps it.
+    #[serde(default)]
+    pub allow_mass_delete: bool,
     /// Magento 2 id walk: the `entity_id` ranges still to read, each
     /// `[next, end]` (every id below `next` in its range is stored). A range
     /// leaves the list once read to its end; concurrent workers each page

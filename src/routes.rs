@@ -634,6 +634,9 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
 struct SyncRequest {
     #[serde(default)]
     full: bool,
+    /// One full run may delete more than `sync.max_delete_share`.
+    #[serde(default)]
+    allow_mass_delete: bool,
 }
 
 async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiResult {
@@ -654,11 +657,21 @@ async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiR
             ),
         ));
     }
+    if body.allow_mass_delete && !body.full {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "allow_mass_delete needs full: only a full reconcile deletes products".to_string(),
+        ));
+    }
     let kind = if body.full {
         JobKind::FullSync
     } else {
         JobKind::Sync
     };
+    if body.allow_mass_delete {
+        d.syncs.allow_mass_delete(&rec.name);
+    }
     let requested_at = crate::probe::rfc3339(chrono::Utc::now());
     let job = d.queue.schedule_at(&rec.name, kind, now_ms(), true)?;
     d.store.flush().await?;

@@ -136,7 +136,7 @@ pub async fn sync_store(
         walk_ranges(ctx, client, code, &mirror, &mut cursor, &seen).await?;
         let run = cursor.run.clone().unwrap_or_default();
         if let Some(why) = &run.inconsistent {
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "{why}; the listing is incomplete, so nothing was deleted"
             ));
         } else if run.announced > 0
@@ -146,7 +146,7 @@ pub async fn sync_store(
                 "the shop listed {} of the {} products it announced",
                 run.listed, run.announced
             );
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "{why}; the listing is incomplete, so nothing was deleted"
             ));
             set_run(&mut cursor, |r| r.inconsistent = Some(why));
@@ -413,7 +413,7 @@ async fn walk_ranges(
             } else {
                 String::new()
             };
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "the same SKU on more than one product id: {}{tail} (the mirror keeps one product per SKU, the last read)",
                 d.first.join("; ")
             ));
@@ -570,7 +570,7 @@ impl Walk<'_, '_> {
         ctx.flush().await?;
         ctx.applied(stored, a);
         if let Some(why) = inconsistent {
-            ctx.problem(why);
+            ctx.inconsistent(why);
         }
         if done {
             self.plan
@@ -692,7 +692,7 @@ async fn catch_up(
         if fresh.is_empty() {
             if page.items.is_empty() {
                 if page.total_count > 0 {
-                    ctx.problem(format!(
+                    ctx.inconsistent(format!(
                         "the shop announced {} more changed products but listed none",
                         page.total_count
                     ));
@@ -708,12 +708,12 @@ async fn catch_up(
         }
         let full = n >= u64::from(page_size);
         if page.total_count < n {
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "the shop answered {n} changed products with a total_count of {}",
                 page.total_count
             ));
         } else if !full && page.total_count != n {
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "the listing of changed products ended after {n} products but the shop announced {}",
                 page.total_count
             ));
@@ -765,7 +765,7 @@ async fn catch_up(
                 Some(_) if p.updated_at.as_str() > cap.as_str() => "is past the shop's clock",
                 Some(_) => continue,
             };
-            ctx.problem(format!(
+            ctx.inconsistent(format!(
                 "product {} has updated_at \"{}\", which {why}: stored, but the checkpoint stays at the shop's clock (fix the product in the shop)",
                 shown(&p.sku),
                 shown(&p.updated_at)

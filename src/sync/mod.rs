@@ -9,6 +9,7 @@
 //! next page while the previous one is written), so a crash loses nothing
 //! and a restart resumes from the checkpoint.
 
+pub mod limiter;
 pub mod m1;
 pub mod m2;
 
@@ -43,6 +44,22 @@ pub enum SyncError {
     Interrupted,
     #[error("cancelled: the shop was removed")]
     Cancelled,
+    /// The deletion guard held the run: see [`delete_unseen`].
+    #[error(
+        "store view {store_code}: the shop's listing leaves out {gone} of the {products} mirrored products, more than sync.max_delete_share ({}%) allows; nothing was deleted",
+        share_percent(*share)
+    )]
+    MassDelete {
+        store_code: String,
+        gone: u64,
+        products: u64,
+        share: f64,
+    },
+}
+
+fn share_percent(share: f64) -> String {
+    let p = (share * 1000.0).round() / 10.0;
+    format!("{p}")
 }
 
 /// A run's visible progress (`sync.progress` in status).
@@ -80,8 +97,10 @@ pub struct RunRecord {
     pub kind: String,
     pub started_at: String,
     pub ended_at: String,
-    /// `ok`, `partial` (it completed but met inconsistent answers or bad
-    /// data: `error` names them), `failed`, `interrupted`, `cancelled`.
+    /// `ok`; `partial` (it ended, but some answers were inconsistent or some
+    /// products unreadable: `error` says which); `held` (the deletion guard
+    /// stopped it: `error` says what to run); `failed`, `interrupted`,
+    /// `cancelled`.
     pub outcome: String,
     pub resumed: bool,
     pub duration_ms: u64,
@@ -104,16 +123,24 @@ struct ShopSync {
     progress: Mutex<Option<Progress>>,
     queued: AtomicUsize,
     cancel: watch::Sender<bool>,
+    /// `--allow-mass-delete` was asked for: the next full run of this shop
+    /// takes it (one run only).
+    allow_mass_delete: std::sync::atomic::AtomicBool,
     /// The last finished run, as stored (`None` until first read): status
     /// shows it for every shop, and reading it back from sled each time
     /// dominated status with a thousand shops.
     last_run: Mutex<Option<Option<RunRecord>>>,
+    /// Requests in flight against the shop (kept across runs: what the
+    /// shop's backpressure taught still holds for the next run).
+    limiter: limiter::ShopLimiter,
 }
 
 /// Owns the concurrency limits and the visible state of all syncs.
 pub struct SyncManager {
     permits: Arc<Semaphore>,
     limit: AtomicUsize,
+    /// `sync.shop_concurrency`: each shop's limiter's ceiling.
+    shop_concurrency: AtomicUsize,
     shops: Mutex<HashMap<String, Arc<ShopSync>>>,
 }
 
@@ -122,12 +149,23 @@ impl SyncManager {
         SyncManager {
             permits: Arc::new(Semaphore::new(cfg.sync.max_concurrent_syncs)),
             limit: AtomicUsize::new(cfg.sync.max_concurrent_syncs),
+            shop_concurrency: AtomicUsize::new(cfg.sync.shop_concurrency),
             shops: Mutex::new(HashMap::new()),
         }
     }
 
     /// Applies a changed `max_concurrent_syncs`.
     pub fn reconfigure(&self, cfg: &Config) {
+        self.shop_concurrency
+            .store(cfg.sync.shop_concurrency, Ordering::Relaxed);
+        for s in self
+            .shops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.limiter.set_max(cfg.sync.shop_concurrency);
+        }
         let new = cfg.sync.max_concurrent_syncs;
         let old = self.limit.swap(new, Ordering::Relaxed);
         if new > old {
@@ -154,10 +192,23 @@ impl SyncManager {
                     progress: Mutex::new(None),
                     queued: AtomicUsize::new(0),
                     cancel: watch::channel(false).0,
+                    allow_mass_delete: std::sync::atomic::AtomicBool::new(false),
                     last_run: Mutex::new(None),
+                    limiter: limiter::ShopLimiter::new(
+                        self.shop_concurrency.load(Ordering::Relaxed),
+                    ),
                 })
             })
             .clone()
+    }
+
+    /// Lets the next full reconcile of `name` delete more than
+    /// `sync.max_delete_share` of a mirror (`--allow-mass-delete`); only
+    /// that run.
+    pub fn allow_mass_delete(&self, name: &str) {
+        self.shop(name)
+            .allow_mass_delete
+            .store(true, Ordering::Relaxed);
     }
 
     /// Stops a shop's running sync at its next page (shop removed) and
@@ -205,6 +256,11 @@ impl SyncManager {
             .get(name)
             .cloned()?;
         s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The shop's request limiter (status, metrics).
+    pub fn limiter_status(&self, name: &str) -> limiter::LimiterStatus {
+        self.shop(name).limiter.status()
     }
 
     fn queued(&self, name: &str) -> bool {
@@ -278,6 +334,7 @@ impl SyncManager {
             "products": products,
             "next_sync": next(JobKind::Sync),
             "next_full_sync": next(JobKind::FullSync),
+            "concurrency": self.limiter_status(&rec.name),
         });
         v["stores"] = Value::Object(stores);
         v
@@ -340,6 +397,16 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
         }
         Err(SyncError::Interrupted) => now_ms(),
         Err(SyncError::Cancelled) => 0,
+        // Asking again soon would list the whole catalog to be held again:
+        // the operator confirms, or the next scheduled run looks again.
+        Err(SyncError::MassDelete { .. }) => {
+            let what = if full {
+                crate::spread::Recurring::FullSync
+            } else {
+                crate::spread::Recurring::Sync
+            };
+            crate::spread::next_due_ms(&rec.name, what, now_ms(), interval)
+        }
         // Failed: try again soon (the probe decides whether the shop is up).
         Err(_) => now_ms() + interval.min(Duration::from_secs(120)).as_millis() as u64,
     };
@@ -368,8 +435,14 @@ pub struct RunCtx<'a> {
     stop: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
     pub last_item_error: Option<String>,
+    /// This run may delete more than `sync.max_delete_share`
+    /// (`--allow-mass-delete`).
+    pub allow_mass_delete: bool,
+    /// Set when the run met answers it could not trust or products it could
+    /// not read: it ends `partial` with this problem, never `ok`.
+    pub problem: Option<ShopError>,
     /// Inconsistent or suspicious answers met by this run: the run ends
-    /// `partial` with them as its problem (bounded: see [`RunCtx::problem`]).
+    /// `partial` with them as its problem (bounded: see [`RunCtx::inconsistent`]).
     problems: Mutex<Problems>,
 }
 
@@ -387,7 +460,7 @@ impl RunCtx<'_> {
     /// Records an inconsistent answer (or bad data) the run met and went on
     /// from: the run ends `partial`, never `ok`, with the problem named. A
     /// problem already recorded is not repeated.
-    pub fn problem(&self, message: impl Into<String>) {
+    pub fn inconsistent(&self, message: impl Into<String>) {
         let message = message.into();
         let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
         if p.shown.contains(&message) {
@@ -414,6 +487,15 @@ impl RunCtx<'_> {
         Some(m)
     }
 
+    /// Notes what makes this run `partial` (the first problem is kept, and
+    /// the count of such problems).
+    pub fn partial(&mut self, e: ShopError) {
+        tracing::warn!(shop = %self.rec.name, run = self.run_id, kind = e.kind.as_str(), "{}", e.message);
+        if self.problem.is_none() {
+            self.problem = Some(e);
+        }
+    }
+
     /// Checked between pages: a page in flight always completes.
     pub fn check(&self) -> Result<(), SyncError> {
         if *self.cancel.borrow() {
@@ -423,6 +505,13 @@ impl RunCtx<'_> {
             return Err(SyncError::Interrupted);
         }
         Ok(())
+    }
+
+    /// The shop's request limiter: [`RunCtx::request`] takes a permit per
+    /// attempt; a walk reads [`limiter::ShopLimiter::limit`] to decide how
+    /// many workers are worth running.
+    pub fn limiter(&self) -> &limiter::ShopLimiter {
+        &self.shop.limiter
     }
 
     /// Updates the visible progress.
@@ -470,6 +559,10 @@ impl RunCtx<'_> {
 
     /// Runs a shop request with retries: transient failures are retried
     /// with backoff (honouring `Retry-After`), credential failures are not.
+    /// Each attempt holds a permit of the shop's limiter (so concurrent
+    /// callers stay within its limit) and tells it how the shop answered;
+    /// the wait before a retry holds none. Callers must not hold a permit
+    /// of their own meanwhile.
     pub async fn request<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, SyncError>
     where
         F: FnMut() -> Fut,
@@ -478,6 +571,13 @@ impl RunCtx<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let permit = {
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    p = self.shop.limiter.acquire() => p,
+                    _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                }
+            };
             self.update(|p| p.requests += 1);
             let timeout = self.cfg.sync.request_timeout;
             let result = match tokio::time::timeout(timeout + Duration::from_secs(1), f()).await {
@@ -490,6 +590,15 @@ impl RunCtx<'_> {
                     ),
                 )),
             };
+            match &result {
+                Ok(_) => permit.success(),
+                Err(e) => {
+                    if limiter::is_backpressure(e) {
+                        self.d.metrics.count_backpressure(&self.rec.name);
+                    }
+                    permit.failed(e)
+                }
+            }
             match result {
                 Ok(v) => {
                     self.d.metrics.count_request(&self.rec.name, "ok");
@@ -597,6 +706,8 @@ async fn run(
         stop,
         cancel: shop.cancel.subscribe(),
         last_item_error: None,
+        allow_mass_delete: full && shop.allow_mass_delete.swap(false, Ordering::Relaxed),
+        problem: None,
         problems: Mutex::new(Problems::default()),
     };
     let result = async {
@@ -631,15 +742,39 @@ async fn run(
         .take()
         .unwrap_or_default();
     let took = started.elapsed();
-    let problems = ctx.problems_message();
+    // The inconsistencies noted by concurrent workers join the problem
+    // that makes the run `partial`.
+    if let Some(m) = ctx.problems_message() {
+        match ctx.problem.as_mut() {
+            Some(e) => {
+                e.message.push_str("; ");
+                e.message.push_str(&m);
+            }
+            None => ctx.problem = Some(ShopError::new(FailureKind::Protocol, m)),
+        }
+    }
     let outcome = match &result {
-        Ok(()) if problems.is_some() => "partial",
+        Ok(()) if ctx.problem.is_some() => "partial",
         Ok(()) => "ok",
+        Err(SyncError::MassDelete { .. }) => "held",
         Err(SyncError::Interrupted) => "interrupted",
         Err(SyncError::Cancelled) => "cancelled",
         Err(_) => "failed",
     };
     let error = match &result {
+        Ok(()) => ctx.problem.as_ref().map(|e| {
+            json!({
+                "kind": e.kind, "message": e.message, "hint": crate::health::hint_for(e.kind, rec),
+            })
+        }),
+        Err(e @ SyncError::MassDelete { .. }) => Some(json!({
+            "kind": "mass_delete",
+            "message": e.to_string(),
+            "hint": format!(
+                "if the shop really removed these products, confirm once with `cobbyd sync {} --full --allow-mass-delete`; otherwise check the shop's catalog, the store code and the API user's role (the mirror is unchanged)",
+                rec.name
+            ),
+        })),
         Err(SyncError::Shop(e)) => Some(json!({
             "kind": e.kind, "message": e.message, "hint": crate::health::hint_for(e.kind, rec),
         })),
@@ -647,12 +782,6 @@ async fn run(
             "kind": "storage", "message": p.message, "hint": p.hint,
         })),
         Err(e @ SyncError::Store(_)) => Some(json!({"kind": "store", "message": e.to_string()})),
-        Ok(()) => problems.as_ref().map(|m| {
-            json!({
-                "kind": FailureKind::Protocol, "message": m,
-                "hint": crate::health::hint_for(FailureKind::Protocol, rec),
-            })
-        }),
         _ => None,
     };
     let record = RunRecord {
@@ -700,6 +829,14 @@ async fn run(
         took.as_secs_f64()
     );
     match &result {
+        Ok(()) if ctx.problem.is_some() => {
+            let e = ctx
+                .problem
+                .as_ref()
+                .map(|e| e.message.as_str())
+                .unwrap_or("");
+            tracing::warn!(shop = %rec.name, run = run_id, kind, outcome, "{msg}: {e}")
+        }
         Ok(()) | Err(SyncError::Interrupted | SyncError::Cancelled) => {
             tracing::info!(shop = %rec.name, run = run_id, kind, outcome, fetched = p.done, created = p.created, updated = p.updated, deleted = p.deleted, "{msg}")
         }
@@ -749,6 +886,15 @@ pub fn recent_runs(store: &Store, shop: &str, n: usize) -> Result<Vec<RunRecord>
 
 /// Full reconcile, last phase: removes every mirrored product whose SKU the
 /// listing did not see. Idempotent, so a resumed run simply walks again.
+///
+/// The deletion rule: the caller passes `seen` only after a complete,
+/// consistent listing (every product the shop listed, and those it could
+/// not vouch for, are in it). Then, before anything is deleted, the unseen
+/// products are counted: an empty listing over a non-empty mirror, or more
+/// than `sync.max_delete_share` of the mirror, deletes nothing and ends the
+/// run (`held`, naming `--allow-mass-delete`) unless this run was allowed
+/// to. A held run forgets its run cursor, so the next full run lists the
+/// shop again rather than acting on this listing later.
 pub async fn delete_unseen(
     ctx: &RunCtx<'_>,
     mirror: &Mirror,
@@ -756,13 +902,53 @@ pub async fn delete_unseen(
     seen: &sled::Tree,
 ) -> Result<(), SyncError> {
     const BATCH: usize = 500;
-    if seen.is_empty() && cursor.products > 0 {
-        return Err(SyncError::Shop(ShopError::new(
-            FailureKind::Protocol,
-            "the shop listed no products at all while the mirror has some; refusing to delete everything (check the store code and the API user's permissions)",
-        )));
-    }
     ctx.update(|p| p.phase = "delete".into());
+    let allowed = ctx.allow_mass_delete || cursor.run.as_ref().is_some_and(|r| r.allow_mass_delete);
+    let mut gone = 0u64;
+    let mut products = 0u64;
+    for k in mirror.index().iter().keys() {
+        let k = k.map_err(StoreError::from)?;
+        products += 1;
+        if !seen.contains_key(&k).map_err(StoreError::from)? {
+            gone += 1;
+        }
+    }
+    let share = ctx.cfg.sync.max_delete_share;
+    let store_code = store_code_of(ctx);
+    if gone > 0 && !allowed {
+        let refused = if seen.is_empty() {
+            Some(SyncError::Shop(ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "the shop listed no products at all while the mirror has {products}; refusing to delete everything (check the store code and the API user's permissions; if the shop really has no products any more: cobbyd sync {} --full --allow-mass-delete)",
+                    ctx.rec.name
+                ),
+            )))
+        } else if gone as f64 > share * products as f64 {
+            Some(SyncError::MassDelete {
+                store_code,
+                gone,
+                products,
+                share,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            cursor.run = None;
+            mirror.save_cursor(cursor)?;
+            ctx.flush().await?;
+            return Err(e);
+        }
+    }
+    if gone == 0 {
+        return Ok(());
+    }
+    if allowed && let Some(r) = cursor.run.as_mut() {
+        // A resumed run goes on with the permission it was given.
+        r.allow_mass_delete = true;
+        mirror.save_cursor(cursor)?;
+    }
     let mut from: Option<sled::IVec> = None;
     loop {
         ctx.check()?;
@@ -797,6 +983,17 @@ pub async fn delete_unseen(
             None => return Ok(()),
         }
     }
+}
+
+/// The store view a run is on (for messages).
+fn store_code_of(ctx: &RunCtx<'_>) -> String {
+    ctx.shop
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|p| p.store_code.clone())
+        .unwrap_or_default()
 }
 
 /// Starts or resumes the run cursor of a store view.
