@@ -238,13 +238,6 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         let mut cells: Vec<String> = r.to_vec();
         cells[2] = style.state(&r[2]);
         out.push_str(&line(cells, r));
-        if s["insecure_http"] == true {
-            out.push_str(&format!(
-                "  ↳ {}: {}\n",
-                r[0],
-                crate::shop::INSECURE_HTTP_NOTE
-            ));
-        }
         if let Some(p) = s.get("problem").filter(|p| !p.is_null()) {
             out.push_str(&format!(
                 "  ↳ {}: {} ({} attempt{}, since {})\n    hint: {}\n",
@@ -267,6 +260,20 @@ pub fn render_status(v: &Value, style: &Style) -> String {
                 e["message"].as_str().unwrap_or("")
             ));
         }
+    }
+    // One line for all plain-http shops, not one under each.
+    let plain: Vec<&str> = shops
+        .iter()
+        .filter(|s| s["insecure_http"] == true)
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    if !plain.is_empty() {
+        out.push_str(&format!(
+            "\n{} {}: {}\n",
+            if plain.len() == 1 { "shop" } else { "shops" },
+            plain.join(", "),
+            crate::shop::INSECURE_HTTP_NOTE
+        ));
     }
     out
 }
@@ -357,10 +364,21 @@ pub fn read_credentials(path: &Path) -> Result<String, String> {
 }
 
 /// Validates credentials locally (clear errors before any network) and
-/// returns them as the JSON object the daemon takes.
+/// returns them as the JSON object the daemon takes. An error names the
+/// file and, where it can, the line.
 fn credentials_json(path: &Path, platform: Platform, auth: AuthMode) -> Result<Value, String> {
     let text = read_credentials(path)?;
-    Credentials::parse_toml(&text, platform, auth).map_err(|e| format!("credentials: {e}"))?;
+    let source = if path == Path::new("-") {
+        "credentials from standard input".to_string()
+    } else {
+        format!("credentials file {}", path.display())
+    };
+    Credentials::parse_toml(&text, platform, auth).map_err(
+        |e| match crate::shop::credential_line(&text, &e.field) {
+            Some(line) => format!("{source}, line {line}: {e}"),
+            None => format!("{source}: {e}"),
+        },
+    )?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
@@ -387,6 +405,129 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// Rows padded to their columns' widths, two spaces apart; the last
+/// column is not padded.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; n];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut l = String::new();
+        for (i, c) in r.iter().enumerate() {
+            l.push_str(c);
+            if i + 1 < r.len() {
+                l.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A shop's authentication as people read it: Magento 1 has no modes (it
+/// logs in with the API user and key).
+fn auth_cell(s: &Value) -> String {
+    if s["platform"] == "magento1" {
+        "-".into()
+    } else {
+        s["auth"].as_str().unwrap_or("?").to_string()
+    }
+}
+
+/// `shop list`: a header and aligned columns, however long the URLs.
+pub fn render_shop_list(v: &Value) -> String {
+    let shops = v["shops"].as_array().cloned().unwrap_or_default();
+    if shops.is_empty() {
+        return "No shops registered.\n".into();
+    }
+    let mut rows = vec![
+        ["NAME", "PLATFORM", "AUTH", "STORES", "URL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for s in &shops {
+        rows.push(vec![
+            s["name"].as_str().unwrap_or("?").to_string(),
+            s["platform"].as_str().unwrap_or("?").to_string(),
+            auth_cell(s),
+            s["store_codes"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            format!(
+                "{}{}",
+                s["url"].as_str().unwrap_or("?"),
+                if s["insecure_http"] == true {
+                    " (plain http)"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+    }
+    columns(&rows)
+}
+
+/// `shop list --retained`: the mirrors removed shops left.
+pub fn render_retained(v: &Value) -> String {
+    let kept = v["retained"].as_array().cloned().unwrap_or_default();
+    if kept.is_empty() {
+        return "No kept mirrors: every mirror belongs to a registered shop.\n".into();
+    }
+    let mut rows = vec![["NAME", "STORE", "PRODUCTS"].map(String::from).to_vec()];
+    for m in &kept {
+        for st in m["stores"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                m["name"].as_str().unwrap_or("?").to_string(),
+                st["store_code"].as_str().unwrap_or("?").to_string(),
+                thousands(st["products"].as_u64().unwrap_or(0)),
+            ]);
+        }
+    }
+    let mut out = columns(&rows);
+    out.push_str(
+        "\nKept by `shop remove` without --purge: `cobbyd products NAME` exports one, `cobbyd shop purge NAME` drops it.\n",
+    );
+    out
+}
+
+/// `shop show`: one `key value` line per field, the keys aligned; the
+/// plain-http facts in one line; no auth mode for Magento 1.
+pub fn render_shop_show(v: &Value) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (k, val) in v.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "status" | "allow_insecure_http" => continue,
+            "auth" => rows.push(vec![k.clone(), auth_cell(v)]),
+            "insecure_http" => {
+                if *val == true {
+                    let why = if v["allow_insecure_http"] == true {
+                        "allowed with --allow-insecure-http"
+                    } else {
+                        "registered before --allow-insecure-http existed"
+                    };
+                    rows.push(vec![k.clone(), format!("true ({why})")]);
+                } else {
+                    rows.push(vec![k.clone(), "false".into()]);
+                }
+            }
+            _ => rows.push(vec![k.clone(), plain(val)]),
+        }
+    }
+    columns(&rows)
+}
+
 /// GETs a JSON answer, or the exit code to return (the error already
 /// printed).
 async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
@@ -401,42 +542,41 @@ async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
 pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
     match cmd {
         ShopCommand::Add(a) => shop_add(client, a).await,
-        ShopCommand::List { json } => {
-            let v = match get_json(client, "/v1/shops").await {
+        ShopCommand::List { json, retained } => {
+            let path = if *retained {
+                "/v1/shops?retained=true"
+            } else {
+                "/v1/shops"
+            };
+            let v = match get_json(client, path).await {
                 Ok(v) => v,
                 Err(code) => return code,
             };
             if *json {
                 print_json(&v);
+            } else if *retained {
+                print!("{}", render_retained(&v));
             } else {
-                let shops = v["shops"].as_array().cloned().unwrap_or_default();
-                if shops.is_empty() {
-                    println!("No shops registered.");
-                }
-                for s in shops {
-                    println!(
-                        "{:<20} {:<9} {:<7} {}{}  stores: {}",
-                        s["name"].as_str().unwrap_or("?"),
-                        s["platform"].as_str().unwrap_or("?"),
-                        s["auth"].as_str().unwrap_or("?"),
-                        s["url"].as_str().unwrap_or("?"),
-                        if s["insecure_http"] == true {
-                            " (plain http)"
-                        } else {
-                            ""
-                        },
-                        s["store_codes"]
-                            .as_array()
-                            .map(|c| c
-                                .iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default()
-                    );
-                }
+                print!("{}", render_shop_list(&v));
             }
             0
+        }
+        ShopCommand::Purge { name } => {
+            match client
+                .request(
+                    Method::DELETE,
+                    &format!("/v1/shops/{}/products", crate::magento::oauth::encode(name)),
+                    None,
+                )
+                .await
+            {
+                Ok(a) if a.status.is_success() => {
+                    println!("{name}: kept mirror purged, its products dropped");
+                    0
+                }
+                Ok(a) => refused(&a),
+                Err(e) => fail(&e),
+            }
         }
         ShopCommand::Show { name, json } => {
             let path = format!("/v1/shops/{}", crate::magento::oauth::encode(name));
@@ -447,13 +587,7 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
             if *json {
                 print_json(&v);
             } else {
-                let mut shown = v.clone();
-                if let Some(o) = shown.as_object_mut() {
-                    o.remove("status");
-                }
-                for (k, val) in shown.as_object().into_iter().flatten() {
-                    println!("{k:<12} {}", plain(val));
-                }
+                print!("{}", render_shop_show(&v));
                 let status = json!({"daemon": {}, "shops": [v["status"].clone()]});
                 let table = render_status(&status, &Style::detect());
                 println!("{}", table.split_once('\n').map(|x| x.1).unwrap_or(""));
@@ -572,14 +706,16 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 .await
             {
                 Ok(a) if a.status.is_success() => {
-                    println!(
-                        "{name}: removed{}",
-                        if *purge {
-                            ", mirrored products dropped"
-                        } else {
-                            " (mirrored products kept; --purge drops them)"
-                        }
-                    );
+                    let v = a.json().unwrap_or_default();
+                    if v["was_retained"] == true {
+                        println!("{name}: was removed already; its kept products are now dropped");
+                    } else if *purge {
+                        println!("{name}: removed, mirrored products dropped");
+                    } else {
+                        println!(
+                            "{name}: removed; its mirrored products are kept (`cobbyd products {name}` exports them, `cobbyd shop purge {name}` drops them)"
+                        );
+                    }
                     0
                 }
                 Ok(a) => refused(&a),

@@ -42,6 +42,10 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "state directory {dir}: permission denied for this user: set daemon.state_dir in a config file of your own (cobbyd run --config FILE) to a directory you may write, or run cobbyd as root or as the user that owns {dir}"
+    )]
+    Denied { dir: PathBuf },
     #[error("state directory {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -224,9 +228,17 @@ impl Store {
     }
 
     fn open_with(dir: &Path, cache_mb: u64, upgrade: bool) -> Result<Store, StoreError> {
-        let io = |source| StoreError::Io {
-            dir: dir.to_path_buf(),
-            source,
+        let io = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                StoreError::Denied {
+                    dir: dir.to_path_buf(),
+                }
+            } else {
+                StoreError::Io {
+                    dir: dir.to_path_buf(),
+                    source,
+                }
+            }
         };
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -25,6 +25,11 @@ const ENDPOINTS: [&str; 2] = ["api/xmlrpc/", "index.php/api/xmlrpc/"];
 /// Longest fault text kept in an error.
 const MAX_MESSAGE: usize = 500;
 
+/// Longest session id accepted from `login`. Magento's are 32 hex
+/// characters; the id is sent again with every call, so a shop (or a proxy)
+/// answering something huge would multiply every request by it.
+pub const MAX_SESSION_ID: usize = 256;
+
 /// Magento's "Session expired. Try to relogin." fault.
 const FAULT_SESSION_EXPIRED: i64 = 5;
 
@@ -274,6 +279,13 @@ impl M1Client {
             Value::str(self.inner.api_key.expose()),
         ];
         match self.post("login", params).await? {
+            Ok(Value::String(s)) if s.len() > MAX_SESSION_ID => Err(ShopError::new(
+                FailureKind::Protocol,
+                format!(
+                    "login answered a session id of {} bytes; Magento's are 32 hex characters (at most {MAX_SESSION_ID} are accepted): something between cobbyd and the shop (a proxy, a PHP warning, a broken API module) rewrites the answer; check the shop's API with `curl` and its logs",
+                    s.len()
+                ),
+            )),
             Ok(Value::String(s)) if !s.trim().is_empty() => {
                 debug!(shop = %self.inner.shop, "magento1 logged in");
                 Ok(Secret::new(s))

@@ -9,7 +9,7 @@
 //! | `GET /counters` | | [`Counters`](super::Counters) |
 //! | `POST /counters/reset` | | `{"ok":true}` |
 //! | `GET /fault` | | the current mode |
-//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"short_total","total":N\|"partial_listing","items":N\|"endless","total":N}` | the mode set |
+//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"redirect","status":307,"to":URL\|"m1_info_fault","code":N,"every":N\|"m1_info_wrong_id","every":N\|"m1_list_ignores_range"\|"m1_huge_session","bytes":N\|"short_total","total":N\|"partial_listing","items":N\|"endless","total":N}` | the mode set |
 //! | `POST /acl/revoke`, `POST /acl/grant` | `{"resource":"Magento_Catalog::products"}` | `{"ok":true}` |
 //! | `POST /bearer` | `{"enabled":true}` | `{"ok":true}` |
 //! | `POST /sessions/expire` | | `{"ok":true}` |

@@ -78,6 +78,35 @@ pub enum Fault {
         /// The `total_count` answered.
         total: u64,
     },
+    /// Magento 1: `catalog_product.info` (alone or in a `multiCall`)
+    /// answers fault `code` for every product whose id is a multiple of
+    /// `every` (1: all), although `catalog_product.list` lists them: fault 1
+    /// is a transient internal error, 101 "Product not exists." (a
+    /// half-updated module, a broken flat index).
+    M1InfoFault {
+        /// The fault code (1, 101, ...).
+        code: i64,
+        /// Which ids fault (0 never).
+        every: u32,
+    },
+    /// Magento 1: `catalog_product.info` answers the product with the next
+    /// id (or the first one) for every id that is a multiple of `every`: an
+    /// answer for another `product_id` than asked.
+    M1InfoWrongId {
+        /// Which ids are answered wrongly (0 never).
+        every: u32,
+    },
+    /// Magento 1: `catalog_product.list` ignores its `product_id` filter and
+    /// answers the whole catalog whatever range is asked (other filters
+    /// still apply).
+    M1ListIgnoresRange,
+    /// Magento 1: `login` answers a session id of `bytes` characters (real
+    /// ones are 32 hex characters). Switching it on ends every open session,
+    /// so that the next call logs in.
+    M1HugeSession {
+        /// Length of the session id.
+        bytes: u64,
+    },
 }
 
 impl Fault {
@@ -97,6 +126,10 @@ impl Fault {
             Fault::ShortTotal { .. } => "short_total",
             Fault::PartialListing { .. } => "partial_listing",
             Fault::Endless { .. } => "endless",
+            Fault::M1InfoFault { .. } => "m1_info_fault",
+            Fault::M1InfoWrongId { .. } => "m1_info_wrong_id",
+            Fault::M1ListIgnoresRange => "m1_list_ignores_range",
+            Fault::M1HugeSession { .. } => "m1_huge_session",
         }
     }
 
@@ -105,7 +138,10 @@ impl Fault {
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
     /// "http://127.0.0.2:8080"}`, `{"mode": "short_total", "total": 3}`,
     /// `{"mode": "partial_listing", "items": 10}`, `{"mode": "endless",
-    /// "total": 1000000000000}`, or a bare mode name.
+    /// "total": 1000000000000}`, `{"mode": "m1_info_fault", "code": 101,
+    /// "every": 1}`, `{"mode": "m1_info_wrong_id", "every": 2}`,
+    /// `{"mode": "m1_list_ignores_range"}`, `{"mode": "m1_huge_session",
+    /// "bytes": 52428800}`, or a bare mode name.
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -155,6 +191,23 @@ impl Fault {
             "endless" => Fault::Endless {
                 total: num("total").unwrap_or(1_000_000_000_000),
             },
+            "m1_info_fault" => Fault::M1InfoFault {
+                code: v
+                    .get("code")
+                    .and_then(serde_json::Value::as_i64)
+                    .ok_or("m1_info_fault needs \"code\"")?,
+                every: u32::try_from(num("every").unwrap_or(1))
+                    .map_err(|_| "\"every\" is too large".to_string())?,
+            },
+            "m1_info_wrong_id" => Fault::M1InfoWrongId {
+                every: u32::try_from(num("every").unwrap_or(1))
+                    .map_err(|_| "\"every\" is too large".to_string())?,
+            },
+            "m1_list_ignores_range" => Fault::M1ListIgnoresRange,
+            "m1_huge_session" => Fault::M1HugeSession {
+                // At most 256 MiB: the simulator builds it in memory.
+                bytes: num("bytes").unwrap_or(50 * 1024 * 1024).min(256 << 20),
+            },
             other => return Err(format!("unknown fault mode {other:?}")),
         })
     }
@@ -172,6 +225,12 @@ impl Fault {
             }
             Fault::ShortTotal { total } | Fault::Endless { total } => v["total"] = (*total).into(),
             Fault::PartialListing { items } => v["items"] = (*items).into(),
+            Fault::M1InfoFault { code, every } => {
+                v["code"] = (*code).into();
+                v["every"] = (*every).into();
+            }
+            Fault::M1InfoWrongId { every } => v["every"] = (*every).into(),
+            Fault::M1HugeSession { bytes } => v["bytes"] = (*bytes).into(),
             _ => {}
         }
         v
@@ -315,6 +374,13 @@ mod tests {
             Fault::ShortTotal { total: 3 },
             Fault::PartialListing { items: 10 },
             Fault::Endless { total: 7 },
+            Fault::M1InfoFault {
+                code: 101,
+                every: 1,
+            },
+            Fault::M1InfoWrongId { every: 2 },
+            Fault::M1ListIgnoresRange,
+            Fault::M1HugeSession { bytes: 4096 },
         ] {
             assert_eq!(Fault::from_json(&f.to_json()), Ok(f));
         }

@@ -199,7 +199,13 @@ fn dispatch(inner: &Inner, method: &str, params: &[Value]) -> Result<Value, Faul
                 bump(&c.auth_failures);
                 return Err(access_denied());
             }
-            Ok(Value::String(lock(&inner.sessions).login()))
+            let id = lock(&inner.sessions).login();
+            if let crate::sim::Fault::M1HugeSession { bytes } = &*lock(&inner.fault) {
+                bump(&c.faults_injected);
+                let n = usize::try_from(*bytes).unwrap_or(usize::MAX);
+                return Ok(Value::String(id.chars().cycle().take(n).collect()));
+            }
+            Ok(Value::String(id))
         }
         "endSession" => {
             c.route("xmlrpc endSession");
@@ -318,7 +324,35 @@ fn exec(inner: &Inner, path: &str, args: Option<&Value>) -> Result<Value, Fault>
         ("catalog_product", "list") => product_list(inner, args.first(), args.get(1)),
         ("catalog_product", "info") => {
             let lang = store_lang(inner, args.get(1))?;
-            let row = find_product(inner, args.first(), args.get(3))?;
+            let mut row = find_product(inner, args.first(), args.get(3))?;
+            match &*lock(&inner.fault) {
+                crate::sim::Fault::M1InfoFault { code, every }
+                    if *every > 0 && row.id % every == 0 =>
+                {
+                    bump(&inner.counters.faults_injected);
+                    let msg = match code {
+                        101 => "Product not exists.",
+                        1 => "Internal Error. Please see log for details.",
+                        0 => "Unknown Error",
+                        _ => "Fault.",
+                    };
+                    return Err(fault(*code, msg));
+                }
+                crate::sim::Fault::M1InfoWrongId { every } if *every > 0 && row.id % every == 0 => {
+                    bump(&inner.counters.faults_injected);
+                    let c = read(&inner.catalog);
+                    let other = c
+                        .ids()
+                        .iter()
+                        .find(|i| **i > row.id)
+                        .or(c.ids().first())
+                        .and_then(|i| c.get(*i));
+                    if let Some(o) = other {
+                        row = o;
+                    }
+                }
+                _ => {}
+            }
             let attrs: Option<Vec<String>> = match args.get(2) {
                 Some(Value::Array(a)) if !a.is_empty() => Some(a.iter().map(text).collect()),
                 _ => None,
@@ -483,8 +517,16 @@ fn product_list(
     store: Option<&Value>,
 ) -> Result<Value, Fault> {
     let lang = store_lang(inner, store)?;
+    let mut groups = list_filters(filters)?;
+    if *lock(&inner.fault) == crate::sim::Fault::M1ListIgnoresRange {
+        let before = groups.len();
+        groups.retain(|g| !g.iter().any(|f| f.field == Field::EntityId));
+        if groups.len() != before {
+            bump(&inner.counters.faults_injected);
+        }
+    }
     let query = Query {
-        groups: list_filters(filters)?,
+        groups,
         lang,
         ..Query::default()
     };

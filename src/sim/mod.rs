@@ -752,6 +752,9 @@ impl SimHandle {
 
 fn set_fault(inner: &Arc<Inner>, f: Fault) {
     let down = matches!(f, Fault::Down);
+    if matches!(f, Fault::M1HugeSession { .. }) {
+        lock(&inner.sessions).clear();
+    }
     *lock(&inner.fault) = f;
     inner.flaky_seen.store(0, Ordering::Relaxed);
     if down {

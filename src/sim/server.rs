@@ -398,12 +398,15 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
     let is_xmlrpc = matches!(area, Area::XmlRpc) && routed;
     let is_api = is_rest || is_xmlrpc;
     match &fault {
-        // The listing modes act inside the M2 listing (`m2::list_products`).
+        // The Magento 1 modes are answered by the XML-RPC API itself, the
+        // Magento 2 listing modes inside the listing (`m2::list_products`).
+        Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {}
         Fault::None
         | Fault::Truncated
-        | Fault::ShortTotal { .. }
-        | Fault::PartialListing { .. }
-        | Fault::Endless { .. } => {}
+        | Fault::M1InfoFault { .. }
+        | Fault::M1InfoWrongId { .. }
+        | Fault::M1ListIgnoresRange
+        | Fault::M1HugeSession { .. } => {}
         Fault::Down => {
             bump(&c.faults_injected);
             return Err(io::Error::new(

@@ -1,23 +1,40 @@
 //! Magento 1 sync of one store view.
 //!
-//! `catalog_product.list` has no paging, so the catalog is walked in
-//! `product_id` ranges (widening past empty ranges, so the walk ends a few
-//! requests after the last id); details come from `multiCall` batches of
-//! `catalog_product.info`, `sync.shop_concurrency` batches in flight. An
-//! incremental run lists only products with `updated_at` ≥ the checkpoint
-//! second (re-read, upserts are idempotent). A fault on one product is
-//! recorded and does not sink the run; the client re-logs in on fault 5.
+//! `catalog_product.list` has no paging, so the catalog is first listed in
+//! `product_id` ranges (widening past empty ranges, so the listing ends a
+//! few requests after the last id) into a scratch tree (id → SKU); then the
+//! details come from `multiCall` batches of `catalog_product.info`,
+//! `sync.shop_concurrency` batches in flight, in id order. Listing first
+//! gives the run its exact total and, for a full reconcile, a complete
+//! listing before anything is judged gone. An incremental run lists only
+//! products with `updated_at` ≥ the checkpoint second (re-read, upserts are
+//! idempotent).
+//!
+//! Untrusted answers: a listing with a product outside the asked range or
+//! an id twice stops the run (`protocol`: the shop ignores the filter, and
+//! walking on would read the same products for ever). A product whose
+//! details fail (a fault, or an answer for another `product_id`) is asked
+//! again on its own; if it still fails it keeps its mirrored copy and the
+//! run ends `partial`. "Product not exists" (101) for a listed product is
+//! believed only when the product, asked again on its own, still does not
+//! exist and a new listing of it no longer lists it; otherwise the answers
+//! contradict each other, the product is kept and the run is `partial`. The
+//! checkpoint does not move after a run with such problems.
 
 use super::{RunCtx, SyncError, begin, delete_unseen};
 use crate::magento::m1::M1Client;
-use crate::magento::xmlrpc::Value;
+use crate::magento::xmlrpc::{Fault, Value};
+use crate::magento::{FailureKind, ShopError};
 use crate::mirror::{Cursor, Item, Mirror};
 use crate::store::StoreError;
 use futures_util::StreamExt;
 
-/// Empty id ranges in a row after which the walk ends. The range doubles
+/// Empty id ranges in a row after which the listing ends. The range doubles
 /// each time, so 24 cover more than 2^24 × `m1_id_range` ids.
 const MAX_EMPTY_RANGES: u32 = 24;
+
+/// Magento's "Product not exists." fault.
+const FAULT_NOT_EXISTS: i64 = 101;
 
 fn set(c: &mut Cursor, f: impl FnOnce(&mut crate::mirror::RunCursor)) {
     if let Some(r) = c.run.as_mut() {
@@ -29,6 +46,34 @@ fn run_field<T>(c: &Cursor, f: impl FnOnce(&crate::mirror::RunCursor) -> T) -> O
     c.run.as_ref().map(f)
 }
 
+fn phase(c: &Cursor) -> String {
+    run_field(c, |r| r.phase.clone()).unwrap_or_default()
+}
+
+fn protocol(message: String) -> SyncError {
+    SyncError::Shop(ShopError::new(FailureKind::Protocol, message))
+}
+
+/// What a store view's run could not trust or read (it then ends
+/// `partial`).
+#[derive(Default)]
+struct Tally {
+    /// Products whose details failed, also when asked alone.
+    unreadable: u64,
+    unreadable_kind: Option<FailureKind>,
+    unreadable_example: Option<String>,
+    /// Products listed but "not exists" when asked, also alone and after a
+    /// new listing.
+    inconsistent: u64,
+    inconsistent_example: Option<String>,
+}
+
+impl Tally {
+    fn any(&self) -> bool {
+        self.unreadable > 0 || self.inconsistent > 0
+    }
+}
+
 pub async fn sync_store(
     ctx: &mut RunCtx<'_>,
     client: &M1Client,
@@ -37,7 +82,14 @@ pub async fn sync_store(
     let mirror = Mirror::open(&ctx.d.store, &ctx.rec.name, code)?;
     let mut cursor = mirror.cursor()?;
     let walk = ctx.full || cursor.updated_at.is_none();
-    if !begin(ctx, &mut cursor, if walk { "walk" } else { "changed" }) {
+    let seen_name = ctx.scratch(code, "seen");
+    // Listed ids → SKU, the products still to fetch (the scratch tree M2
+    // uses for refetches; one shop is only ever one platform).
+    let todo_name = ctx.scratch(code, "refetch");
+    if !begin(ctx, &mut cursor, if walk { "list" } else { "changed" }) {
+        // A fresh run: whatever an abandoned one left is not this listing.
+        ctx.d.store.drop_scratch(&seen_name)?;
+        ctx.d.store.drop_scratch(&todo_name)?;
         if !walk {
             let since = cursor.updated_at.clone();
             set(&mut cursor, |r| r.since = since);
@@ -46,29 +98,73 @@ pub async fn sync_store(
         set(&mut cursor, |r| r.shop_clock = clock);
         mirror.save_cursor(&cursor)?;
     }
-    let seen_name = ctx.scratch(code, "seen");
-    let phase = run_field(&cursor, |r| r.phase.clone()).unwrap_or_default();
-    if phase == "walk" {
+    if phase(&cursor) == "walk" {
+        // A run cursor of the walk before the listing phase existed: its
+        // products are stored; list again from the start.
+        set(&mut cursor, |r| {
+            r.phase = "list".into();
+            r.position = 1;
+            r.empty_ranges = 0;
+        });
+        mirror.save_cursor(&cursor)?;
+    }
+    let mut tally = Tally::default();
+    if phase(&cursor) == "changed" {
+        changed_since(ctx, client, code, &mirror, &mut cursor, &mut tally).await?;
+    } else {
+        let todo = ctx.d.store.scratch(&todo_name)?;
         let seen = if ctx.full {
             Some(ctx.d.store.scratch(&seen_name)?)
         } else {
             None
         };
-        walk_ranges(ctx, client, code, &mirror, &mut cursor, seen.as_ref()).await?;
-        if let Some(seen) = &seen {
-            set(&mut cursor, |r| r.phase = "delete".into());
+        if phase(&cursor) == "list" {
+            list_ranges(
+                ctx,
+                client,
+                code,
+                &mirror,
+                &mut cursor,
+                &todo,
+                seen.as_ref(),
+            )
+            .await?;
+            set(&mut cursor, |r| {
+                r.phase = "fetch".into();
+                r.position = 0;
+            });
             mirror.save_cursor(&cursor)?;
+        }
+        if phase(&cursor) == "fetch" {
+            let seen = seen.as_ref();
+            fetch_listed(
+                ctx,
+                client,
+                code,
+                &mirror,
+                &mut cursor,
+                &todo,
+                seen,
+                &mut tally,
+            )
+            .await?;
+            if ctx.full {
+                set(&mut cursor, |r| r.phase = "delete".into());
+                mirror.save_cursor(&cursor)?;
+            }
+        }
+        if phase(&cursor) == "delete"
+            && let Some(seen) = &seen
+        {
             delete_unseen(ctx, &mirror, &mut cursor, seen).await?;
         }
-    } else if phase == "changed" {
-        changed_since(ctx, client, code, &mirror, &mut cursor).await?;
-    } else if phase == "delete" {
-        let seen = ctx.d.store.scratch(&seen_name)?;
-        delete_unseen(ctx, &mirror, &mut cursor, &seen).await?;
     }
     ctx.d.store.drop_scratch(&seen_name)?;
+    ctx.d.store.drop_scratch(&todo_name)?;
     // The newest `updated_at` stored, but never past the shop's clock at
     // the start: the next run re-reads what was saved while this one read.
+    // After products that could not be read, the checkpoint stays: the
+    // next run asks for them again.
     let max_seen = run_field(&cursor, |r| r.max_seen.clone()).flatten();
     let reached = match (
         max_seen,
@@ -77,12 +173,41 @@ pub async fn sync_store(
         (Some(seen), Some(clock)) => Some(seen.min(clock)),
         (seen, _) => seen,
     };
-    if reached > cursor.updated_at {
+    if reached > cursor.updated_at && !tally.any() {
         cursor.updated_at = reached;
     }
     cursor.run = None;
     mirror.save_cursor(&cursor)?;
-    ctx.flush().await
+    ctx.flush().await?;
+    report(ctx, code, &tally);
+    Ok(())
+}
+
+/// Makes the run `partial` with what this store view could not trust.
+fn report(ctx: &mut RunCtx<'_>, code: &str, t: &Tally) {
+    if t.inconsistent > 0 {
+        ctx.partial(ShopError::new(
+            FailureKind::Protocol,
+            format!(
+                "store view {code}: catalog_product.list lists {} product(s) that catalog_product.info says do not exist (fault 101{}), also when asked again one by one: the shop's answers contradict each other (a stale catalog index or a half-updated module?); they keep their mirrored copy, nothing was deleted because of it, and the checkpoint did not move",
+                t.inconsistent,
+                t.inconsistent_example
+                    .as_deref()
+                    .map(|e| format!("; e.g. {e}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if t.unreadable > 0 {
+        ctx.partial(ShopError::new(
+            t.unreadable_kind.unwrap_or(FailureKind::ServerError),
+            format!(
+                "store view {code}: {} product(s) could not be read, also when asked again one by one ({}); they keep their mirrored copy and the next run asks for them again",
+                t.unreadable,
+                t.unreadable_example.as_deref().unwrap_or("")
+            ),
+        ));
+    }
 }
 
 /// The shop's time before the run reads anything: a cheap listing that
@@ -106,86 +231,333 @@ async fn shop_clock(
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
 }
 
-/// Product ids of a `catalog_product.list` answer, ascending.
-fn ids_of(list: &[Value]) -> Vec<i64> {
-    let mut ids: Vec<i64> = list
-        .iter()
-        .filter_map(|p| p.get("product_id").and_then(Value::as_i64))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+/// A `catalog_product.list` answer as (id, SKU), ascending, checked: every
+/// entry has both, every id is within `from..=to`, none twice.
+fn listed(list: &[Value], from: i64, to: i64) -> Result<Vec<(i64, String)>, SyncError> {
+    let asked = if to == i64::MAX {
+        "the changed products".to_string()
+    } else {
+        format!("product_id {from}..{to}")
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        let id = p.get("product_id").and_then(Value::as_i64);
+        let sku = p.get("sku").and_then(Value::as_str);
+        let (Some(id), Some(sku)) = (id, sku) else {
+            return Err(protocol(format!(
+                "catalog_product.list for {asked} answered an entry without a numeric product_id or a sku: the listing cannot be trusted; check the shop's API module"
+            )));
+        };
+        if id < from || id > to {
+            return Err(protocol(format!(
+                "catalog_product.list for {asked} answered product {id}, outside that range: the shop ignores the product_id filter, so walking on would read the same products again and again; fix the shop's catalog_product.list (a module rewriting the product collection or its filters?), then sync again"
+            )));
+        }
+        out.push((id, sku.to_string()));
+    }
+    out.sort_unstable_by_key(|e| e.0);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(protocol(format!(
+            "catalog_product.list for {asked} answered product {} more than once: the listing cannot be trusted (a broken join in the shop's product collection?); fix the shop's catalog_product.list, then sync again",
+            w[0].0
+        )));
+    }
+    Ok(out)
 }
 
-/// One product's `catalog_product.info` answer, by id.
-type Answer = (i64, Result<Value, crate::magento::xmlrpc::Fault>);
+fn id_filter(f: Vec<(String, Value)>) -> Value {
+    Value::Struct(vec![("product_id".into(), Value::Struct(f))])
+}
 
-/// Fetches details of `ids` in `multiCall` batches; per-item faults are
-/// counted, and "Product not exists" (101) is reported as gone.
+/// The listing phase: every id range, into `todo` (and `seen`, for a full
+/// reconcile). Resumes at the run cursor's range.
+async fn list_ranges(
+    ctx: &RunCtx<'_>,
+    client: &M1Client,
+    code: &str,
+    mirror: &Mirror,
+    cursor: &mut Cursor,
+    todo: &sled::Tree,
+    seen: Option<&sled::Tree>,
+) -> Result<(), SyncError> {
+    ctx.update(|p| p.phase = "list".into());
+    let width = i64::from(ctx.cfg.sync.m1_id_range);
+    loop {
+        ctx.check()?;
+        let (start, empty) =
+            run_field(cursor, |r| (r.position.max(1), r.empty_ranges)).unwrap_or((1, 0));
+        if empty >= MAX_EMPTY_RANGES || start >= i64::from(i32::MAX) {
+            return Ok(());
+        }
+        let w = width.saturating_mul(1i64 << empty.min(40));
+        let end = start.saturating_add(w - 1);
+        let filters = id_filter(vec![
+            ("from".into(), Value::Int(start)),
+            ("to".into(), Value::Int(end)),
+        ]);
+        let list = ctx
+            .request("product list", || {
+                client.list_products(filters.clone(), Some(code))
+            })
+            .await?;
+        let entries = listed(&list, start, end)?;
+        drop(list);
+        for (id, sku) in &entries {
+            todo.insert(id.to_be_bytes(), sku.as_bytes())
+                .map_err(StoreError::from)?;
+            if let Some(seen) = seen {
+                seen.insert(sku.as_bytes(), &[]).map_err(StoreError::from)?;
+            }
+        }
+        set(cursor, |r| {
+            r.position = end + 1;
+            r.empty_ranges = if entries.is_empty() { empty + 1 } else { 0 };
+        });
+        mirror.save_cursor(cursor)?;
+        ctx.flush().await?;
+        ctx.update(|p| p.pages += 1);
+    }
+}
+
+/// The fetch phase: the listed products after the run cursor's id, in id
+/// order, a page and its checkpoint at a time.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_listed(
+    ctx: &mut RunCtx<'_>,
+    client: &M1Client,
+    code: &str,
+    mirror: &Mirror,
+    cursor: &mut Cursor,
+    todo: &sled::Tree,
+    seen: Option<&sled::Tree>,
+    tally: &mut Tally,
+) -> Result<(), SyncError> {
+    ctx.update(|p| p.phase = "fetch".into());
+    let from = |after: i64| after.saturating_add(1).max(0).to_be_bytes();
+    let done = run_field(cursor, |r| r.position).unwrap_or(0);
+    let remaining = todo.range(from(done)..).count() as u64;
+    ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + remaining));
+    let step = (ctx.cfg.sync.m1_batch_size as usize)
+        .saturating_mul(ctx.cfg.sync.shop_concurrency)
+        .max(1);
+    loop {
+        ctx.check()?;
+        let after = run_field(cursor, |r| r.position).unwrap_or(0);
+        let mut chunk = Vec::with_capacity(step);
+        for kv in todo.range(from(after)..).take(step) {
+            let (k, v) = kv.map_err(StoreError::from)?;
+            let id = <[u8; 8]>::try_from(k.as_ref())
+                .map(i64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("a listed id is not 8 bytes".into()))?;
+            chunk.push((id, String::from_utf8_lossy(&v).into_owned()));
+        }
+        let Some(last) = chunk.last().map(|c| c.0) else {
+            return Ok(());
+        };
+        let (items, gone) = fetch(ctx, client, code, &chunk, tally).await?;
+        if let Some(seen) = seen {
+            // Confirmed gone: a complete listing without them.
+            for sku in &gone {
+                seen.remove(sku.as_bytes()).map_err(StoreError::from)?;
+            }
+        }
+        let max_seen = newest(
+            &items,
+            run_field(cursor, |r| r.max_seen.clone())
+                .flatten()
+                .as_deref(),
+        );
+        set(cursor, |r| {
+            r.position = last;
+            r.max_seen = max_seen;
+        });
+        let fetched = items.len() as u64;
+        let a = mirror.apply_blocking(items, Vec::new(), cursor).await?;
+        ctx.flush().await?;
+        ctx.applied(fetched, a);
+    }
+}
+
+/// One product's answer: the item, or why it is not one.
+enum Got {
+    Item(Item),
+    Fault(Fault),
+    Wrong(String),
+}
+
+/// A product asked for: its id, its listed SKU and the answer.
+type Answer = (i64, String, Got);
+
+/// Reads a `catalog_product.info` answer for product `id`.
+fn judge(id: i64, answer: Result<Value, Fault>) -> Got {
+    let v = match answer {
+        Ok(v) => v,
+        Err(f) => return Got::Fault(f),
+    };
+    match v.get("product_id").and_then(Value::as_i64) {
+        Some(got) if got == id => {}
+        Some(got) => {
+            return Got::Wrong(format!(
+                "catalog_product.info for product {id} answered product {got}"
+            ));
+        }
+        None => {
+            return Got::Wrong(format!(
+                "catalog_product.info for product {id} answered no numeric product_id"
+            ));
+        }
+    }
+    match to_item(&v) {
+        Some(item) => Got::Item(item),
+        None => Got::Wrong(format!(
+            "catalog_product.info for product {id} answered no sku"
+        )),
+    }
+}
+
+fn info_call(id: i64, code: &str) -> (String, Vec<Value>) {
+    (
+        "catalog_product.info".to_string(),
+        vec![
+            Value::String(id.to_string()),
+            Value::String(code.to_string()),
+        ],
+    )
+}
+
+/// Fetches details of `chunk` (id, listed SKU) in `multiCall` batches.
+/// Returns the items and the SKUs confirmed gone (see the module docs);
+/// what could not be read or trusted is counted in `tally`.
 async fn fetch(
     ctx: &mut RunCtx<'_>,
     client: &M1Client,
     code: &str,
-    ids: &[i64],
-) -> Result<(Vec<Item>, Vec<i64>), SyncError> {
+    chunk: &[(i64, String)],
+    tally: &mut Tally,
+) -> Result<(Vec<Item>, Vec<String>), SyncError> {
     let batch = ctx.cfg.sync.m1_batch_size as usize;
     let concurrency = ctx.cfg.sync.shop_concurrency;
     let ctx_ref: &RunCtx<'_> = ctx;
-    let results: Vec<Result<Vec<Answer>, SyncError>> =
-        futures_util::stream::iter(ids.chunks(batch).map(<[i64]>::to_vec).collect::<Vec<_>>())
-            .map(|chunk: Vec<i64>| {
-                let calls: Vec<(String, Vec<Value>)> = chunk
-                    .iter()
-                    .map(|id| {
-                        (
-                            "catalog_product.info".to_string(),
-                            vec![
-                                Value::String(id.to_string()),
-                                Value::String(code.to_string()),
-                            ],
-                        )
-                    })
-                    .collect();
-                async move {
-                    let answers = ctx_ref
-                        .request("product details", || client.multi_call(calls.clone()))
-                        .await?;
-                    Ok(chunk.into_iter().zip(answers).collect())
-                }
-            })
-            .buffered(concurrency)
-            .collect()
-            .await;
-    let mut items = Vec::with_capacity(ids.len());
-    let mut gone = Vec::new();
-    let mut last_error = None;
-    let mut errors = 0;
+    let batches: Vec<Vec<(i64, String)>> = chunk.chunks(batch.max(1)).map(<[_]>::to_vec).collect();
+    let results: Vec<Result<Vec<Answer>, SyncError>> = futures_util::stream::iter(batches)
+        .map(|b: Vec<(i64, String)>| async move {
+            let calls: Vec<(String, Vec<Value>)> =
+                b.iter().map(|(id, _)| info_call(*id, code)).collect();
+            let answers = ctx_ref
+                .request("product details", || client.multi_call(calls.clone()))
+                .await?;
+            Ok(b.into_iter()
+                .zip(answers)
+                .map(|((id, sku), a)| (id, sku, judge(id, a)))
+                .collect())
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut items = Vec::with_capacity(chunk.len());
+    let mut again = Vec::new();
     for r in results {
-        for (id, answer) in r? {
-            match answer {
-                Ok(v) => match to_item(&v) {
-                    Some(item) => items.push(item),
-                    None => {
-                        errors += 1;
-                        last_error = Some(format!("product {id}: answer without sku/product_id"));
-                    }
-                },
-                Err(f) if f.code == 101 => gone.push(id),
-                Err(f) => {
-                    errors += 1;
-                    last_error = Some(format!("product {id}: fault {}: {}", f.code, f.message));
-                }
+        for (id, sku, got) in r? {
+            match got {
+                Got::Item(i) => items.push(i),
+                _ => again.push((id, sku)),
             }
         }
     }
-    if errors > 0 {
-        ctx.update(|p| p.item_errors += errors);
-        if let Some(e) = &last_error {
-            tracing::warn!(shop = %ctx.rec.name, errors, "some products could not be read: {e}");
+    // Asked again, each on its own: a batch's transient fault or a
+    // shuffled answer should not cost the product.
+    let retried: Vec<Result<Answer, SyncError>> = futures_util::stream::iter(again)
+        .map(|(id, sku)| async move {
+            let call = vec![info_call(id, code)];
+            let mut answers = ctx_ref
+                .request("product details", || client.multi_call(call.clone()))
+                .await?;
+            let got = match answers.pop() {
+                Some(a) => judge(id, a),
+                None => Got::Wrong(format!(
+                    "catalog_product.info for product {id} answered nothing"
+                )),
+            };
+            Ok((id, sku, got))
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut not_exists = Vec::new();
+    let mut unreadable = Vec::new();
+    for r in retried {
+        let (id, sku, got) = r?;
+        match got {
+            Got::Item(i) => items.push(i),
+            Got::Fault(f) if f.code == FAULT_NOT_EXISTS => not_exists.push((id, sku)),
+            Got::Fault(f) => {
+                let kind = if matches!(f.code, 0 | 1) {
+                    FailureKind::ServerError
+                } else {
+                    FailureKind::Protocol
+                };
+                unreadable.push((
+                    kind,
+                    format!("product {id}: fault {}: {}", f.code, short(&f.message)),
+                ));
+            }
+            Got::Wrong(why) => unreadable.push((FailureKind::Protocol, why)),
         }
-        ctx.last_item_error = last_error;
+    }
+    let mut gone = Vec::new();
+    if !not_exists.is_empty() {
+        // Believed only if a new listing of these ids leaves them out.
+        let ids: Vec<Value> = not_exists
+            .iter()
+            .map(|(id, _)| Value::String(id.to_string()))
+            .collect();
+        let filters = id_filter(vec![("in".into(), Value::Array(ids))]);
+        let list = ctx_ref
+            .request("product list", || {
+                client.list_products(filters.clone(), Some(code))
+            })
+            .await?;
+        let still: std::collections::HashSet<i64> = list
+            .iter()
+            .filter_map(|p| p.get("product_id").and_then(Value::as_i64))
+            .collect();
+        for (id, sku) in not_exists {
+            if still.contains(&id) {
+                tally.inconsistent += 1;
+                tally
+                    .inconsistent_example
+                    .get_or_insert_with(|| format!("product {id}, SKU {}", short(&sku)));
+            } else {
+                gone.push(sku);
+            }
+        }
+    }
+    if !unreadable.is_empty() {
+        let n = unreadable.len() as u64;
+        tally.unreadable += n;
+        if tally.unreadable_example.is_none() {
+            tally.unreadable_kind = Some(unreadable[0].0);
+            tally.unreadable_example = Some(unreadable[0].1.clone());
+        }
+        let last = unreadable.last().map(|u| u.1.clone());
+        ctx.update(|p| p.item_errors += n);
+        if let Some(e) = &last {
+            tracing::warn!(shop = %ctx.rec.name, errors = n, "some products could not be read: {e}");
+        }
+        ctx.last_item_error = last;
     }
     Ok((items, gone))
+}
+
+/// A shop's text, cut for messages.
+fn short(s: &str) -> String {
+    const MAX: usize = 120;
+    if s.chars().count() <= MAX {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(MAX).collect();
+    t.push('…');
+    t
 }
 
 fn to_item(v: &Value) -> Option<Item> {
@@ -205,21 +577,6 @@ fn to_item(v: &Value) -> Option<Item> {
     })
 }
 
-/// SKUs of mirrored products with these ids (for deletions by id).
-fn skus_of(mirror: &Mirror, ids: &[i64]) -> Result<Vec<String>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
-    for kv in mirror.index().iter() {
-        let (k, v) = kv?;
-        if crate::mirror::decode(&v).is_some_and(|s| ids.contains(&s.id)) {
-            out.push(String::from_utf8_lossy(&k).into_owned());
-        }
-    }
-    Ok(out)
-}
-
 fn newest<'a>(items: &'a [Item], prev: Option<&'a str>) -> Option<String> {
     items
         .iter()
@@ -229,73 +586,13 @@ fn newest<'a>(items: &'a [Item], prev: Option<&'a str>) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn walk_ranges(
-    ctx: &mut RunCtx<'_>,
-    client: &M1Client,
-    code: &str,
-    mirror: &Mirror,
-    cursor: &mut Cursor,
-    seen: Option<&sled::Tree>,
-) -> Result<(), SyncError> {
-    ctx.update(|p| p.phase = "walk".into());
-    let width = i64::from(ctx.cfg.sync.m1_id_range);
-    loop {
-        ctx.check()?;
-        let (start, empty) =
-            run_field(cursor, |r| (r.position.max(1), r.empty_ranges)).unwrap_or((1, 0));
-        if empty >= MAX_EMPTY_RANGES || start >= i64::from(i32::MAX) {
-            return Ok(());
-        }
-        let w = width.saturating_mul(1i64 << empty.min(40));
-        let end = start.saturating_add(w - 1);
-        let filters = Value::Struct(vec![(
-            "product_id".into(),
-            Value::Struct(vec![
-                ("from".into(), Value::Int(start)),
-                ("to".into(), Value::Int(end)),
-            ]),
-        )]);
-        let list = ctx
-            .request("product list", || {
-                client.list_products(filters.clone(), Some(code))
-            })
-            .await?;
-        let ids = ids_of(&list);
-        let (items, gone) = fetch(ctx, client, code, &ids).await?;
-        if let Some(seen) = seen {
-            for i in &items {
-                seen.insert(i.sku.as_bytes(), &[])
-                    .map_err(StoreError::from)?;
-            }
-        }
-        let deletes = skus_of(mirror, &gone)?;
-        let max_seen = newest(
-            &items,
-            run_field(cursor, |r| r.max_seen.clone())
-                .flatten()
-                .as_deref(),
-        );
-        set(cursor, |r| {
-            r.position = end + 1;
-            r.empty_ranges = if ids.is_empty() { empty + 1 } else { 0 };
-            r.max_seen = max_seen;
-        });
-        let a = mirror.apply(&items, &deletes, cursor)?;
-        ctx.flush().await?;
-        if !ids.is_empty() {
-            ctx.applied(items.len() as u64, a);
-        } else {
-            ctx.update(|p| p.pages += 1);
-        }
-    }
-}
-
 async fn changed_since(
     ctx: &mut RunCtx<'_>,
     client: &M1Client,
     code: &str,
     mirror: &Mirror,
     cursor: &mut Cursor,
+    tally: &mut Tally,
 ) -> Result<(), SyncError> {
     ctx.update(|p| p.phase = "changed".into());
     let Some(since) = run_field(cursor, |r| r.since.clone()).flatten() else {
@@ -311,32 +608,35 @@ async fn changed_since(
         })
         .await?;
     let done_up_to = run_field(cursor, |r| r.position).unwrap_or(0);
-    let ids: Vec<i64> = ids_of(&list)
+    let entries: Vec<(i64, String)> = listed(&list, 1, i64::MAX)?
         .into_iter()
-        .filter(|id| *id > done_up_to)
+        .filter(|(id, _)| *id > done_up_to)
         .collect();
-    ctx.update(|p| p.total = Some(ids.len() as u64));
+    drop(list);
+    ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + entries.len() as u64));
     let step = (ctx.cfg.sync.m1_batch_size as usize)
         .saturating_mul(ctx.cfg.sync.shop_concurrency)
         .max(1);
-    for chunk in ids.chunks(step) {
+    for chunk in entries.chunks(step) {
         ctx.check()?;
-        let (items, gone) = fetch(ctx, client, code, chunk).await?;
-        let deletes = skus_of(mirror, &gone)?;
+        // Products gone since the listing stay: only a full reconcile's
+        // complete listing removes products.
+        let (items, _gone) = fetch(ctx, client, code, chunk, tally).await?;
         let max_seen = newest(
             &items,
             run_field(cursor, |r| r.max_seen.clone())
                 .flatten()
                 .as_deref(),
         );
-        let last = chunk.last().copied().unwrap_or(done_up_to);
+        let last = chunk.last().map_or(done_up_to, |c| c.0);
         set(cursor, |r| {
             r.position = last;
             r.max_seen = max_seen;
         });
-        let a = mirror.apply(&items, &deletes, cursor)?;
+        let fetched = items.len() as u64;
+        let a = mirror.apply_blocking(items, Vec::new(), cursor).await?;
         ctx.flush().await?;
-        ctx.applied(items.len() as u64, a);
+        ctx.applied(fetched, a);
     }
     Ok(())
 }

@@ -674,6 +674,7 @@ async fn catch_up(
     let announced = page.total_count;
     let limit = growth_limit(announced, mirrored);
     let mut received = 0u64;
+    let mut distrust = false;
     ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + page.total_count));
     loop {
         let n = page.items.len() as u64;
@@ -708,11 +709,13 @@ async fn catch_up(
         }
         let full = n >= u64::from(page_size);
         if page.total_count < n {
+            distrust = true;
             ctx.inconsistent(format!(
                 "the shop answered {n} changed products with a total_count of {}",
                 page.total_count
             ));
         } else if !full && page.total_count != n {
+            distrust = true;
             ctx.inconsistent(format!(
                 "the listing of changed products ended after {n} products but the shop announced {}",
                 page.total_count
@@ -745,7 +748,11 @@ async fn catch_up(
         let mut next = cursor.clone();
         if let Some(last) = readable {
             pos = Some((last.updated_at.clone(), last.id));
-            if last.updated_at.as_str() >= clock.as_str() {
+            if distrust {
+                // The listing contradicted itself: what it left out may lie
+                // anywhere before this key, so the checkpoint stays where
+                // this run found it and the next run reads it all again.
+            } else if last.updated_at.as_str() >= clock.as_str() {
                 if next
                     .updated_at
                     .as_deref()

@@ -96,9 +96,14 @@ enum Expect {
     /// Sync: refused with 409 `shop_unhealthy`, since the probe left the
     /// shop in this state with this kind; no run starts.
     Refused(&'static str, FailureKind),
-    /// Sync: the run completes what the shop gave but ends `partial` with a
-    /// problem of this kind naming the inconsistency; nothing is deleted.
-    Inconsistent(FailureKind),
+    /// Probe: the fault does not concern the probe; the shop stays healthy.
+    Healthy,
+    /// Sync: the run ends `partial` with a problem of this kind; nothing
+    /// is deleted and the mirror keeps every product.
+    Partial(FailureKind),
+    /// Sync: a full reconcile fails with this kind (no retry helps: the
+    /// answers arrived, they cannot be trusted); nothing is deleted.
+    FullFails(FailureKind),
 }
 
 /// A fault as the README names it.
@@ -205,6 +210,39 @@ const REDIRECT: Situation = Situation {
     id: "redirect",
     what: "the API answers 307 to another host (the shop moved, or a proxy sends the API elsewhere)",
     inject: Inject::RedirectAway,
+};
+
+const M1_INFO_1: Situation = Situation {
+    id: "m1info1",
+    what: "Magento 1 `catalog_product.info` faults 1 (internal error) for some of the products the listing names",
+    inject: Inject::Mode(Fault::M1InfoFault { code: 1, every: 3 }),
+};
+const M1_INFO_101: Situation = Situation {
+    id: "m1info101",
+    what: "Magento 1 `catalog_product.info` answers 101 \"Product not exists.\" for every product the listing names",
+    inject: Inject::Mode(Fault::M1InfoFault {
+        code: 101,
+        every: 1,
+    }),
+};
+const M1_WRONG_ID: Situation = Situation {
+    id: "m1wrongid",
+    what: "Magento 1 `catalog_product.info` answers for another `product_id` than asked",
+    inject: Inject::Mode(Fault::M1InfoWrongId { every: 2 }),
+};
+const M1_RANGE: Situation = Situation {
+    id: "m1range",
+    what: "Magento 1 `catalog_product.list` ignores the `product_id` range (the same products for every range)",
+    inject: Inject::Mode(Fault::M1ListIgnoresRange),
+};
+/// A session id over the 256 bytes accepted (50 MB were seen).
+const HUGE_SESSION: u64 = 4096;
+const M1_SESSION_ID: Situation = Situation {
+    id: "m1sid",
+    what: "Magento 1 `login` answers a huge session id (Magento's are 32 hex characters)",
+    inject: Inject::Mode(Fault::M1HugeSession {
+        bytes: HUGE_SESSION,
+    }),
 };
 
 const SHORT_TOTAL: Situation = Situation {
@@ -335,8 +373,21 @@ const ROWS: &[Row] = &[
     row(&PATH, M2, Probe, Problem("misconfigured", K::HttpStatus)),
     row(&PATH, M1, Sync, Refused("misconfigured", K::HttpStatus)),
     row(&PATH, M2, Sync, Refused("misconfigured", K::HttpStatus)),
-    row(&SHORT_TOTAL, M2, Sync, Inconsistent(K::Protocol)),
-    row(&PARTIAL, M2, Sync, Inconsistent(K::Protocol)),
+    row(&M1_INFO_1, M1, Probe, Healthy),
+    row(&M1_INFO_1, M1, Sync, Partial(K::ServerError)),
+    row(&M1_INFO_101, M1, Probe, Healthy),
+    row(&M1_INFO_101, M1, Sync, Partial(K::Protocol)),
+    row(&M1_WRONG_ID, M1, Probe, Healthy),
+    row(&M1_WRONG_ID, M1, Sync, Partial(K::Protocol)),
+    row(&M1_RANGE, M1, Probe, Healthy),
+    row(&M1_RANGE, M1, Sync, FullFails(K::Protocol)),
+    row(&M1_SESSION_ID, M1, Probe, Problem("degraded", K::Protocol)),
+    row(&M1_SESSION_ID, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&SHORT_TOTAL, M2, Probe, Healthy),
+    row(&SHORT_TOTAL, M2, Sync, Partial(K::Protocol)),
+    row(&PARTIAL, M2, Probe, Healthy),
+    row(&PARTIAL, M2, Sync, Partial(K::Protocol)),
+    row(&ENDLESS, M2, Probe, Healthy),
     row(&ENDLESS, M2, Sync, RunFails(K::Protocol, 1)),
 ];
 
@@ -527,6 +578,15 @@ fn log_number(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Probes the shop has answered: `core_magento.info` calls (M1),
+/// `storeConfigs` requests (M2).
+fn probe_calls(p: P, sim: &SimHandle) -> u64 {
+    match p {
+        M1 => m1_probe_calls(sim),
+        M2 => sim.counters().m2_store_configs,
+    }
+}
+
 fn m1_probe_calls(sim: &SimHandle) -> u64 {
     sim.counters()
         .by_route
@@ -658,7 +718,7 @@ fn probe_row(
     seen: &mut Seen,
 ) -> Result<(), String> {
     let logins = sim.counters().m1_logins;
-    let probes = m1_probe_calls(sim);
+    let probes = probe_calls(row.p, sim);
     inject(row, sim);
     match row.expect {
         Problem(want_state, want_kind) => {
@@ -761,7 +821,7 @@ fn probe_row(
                 }
                 Relogin => {
                     let t = Instant::now();
-                    while m1_probe_calls(sim) < probes + 3 {
+                    while probe_calls(row.p, sim) < probes + 3 {
                         if t.elapsed() > ROW_WAIT {
                             return Err(seen.fail(format!(
                                 "no probes after the expiry: {:?}",
@@ -793,7 +853,23 @@ fn probe_row(
             }
             Ok(())
         }
-        RunFails(..) | RunOk | Refused(..) | Inconsistent(..) => {
+        Healthy => {
+            let t = Instant::now();
+            while probe_calls(row.p, sim) < probes + 3 {
+                if t.elapsed() > ROW_WAIT {
+                    return Err(seen.fail(format!("no probes: {:?}", sim.counters())));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let s = d.shop(name);
+            seen.note(format!("after 3 probes: {}", brief(&s)));
+            if state(&s) != "healthy" || s["consecutive_failures"] != 0 {
+                return Err(seen.fail(format!("not healthy throughout: {s:#}")));
+            }
+            clear(row, sim);
+            Ok(())
+        }
+        RunFails(..) | RunOk | Refused(..) | Partial(_) | FullFails(_) => {
             Err(seen.fail("a sync expectation on a probe row"))
         }
     }
@@ -854,7 +930,12 @@ fn sync_row(
     let logins = sim.counters().m1_logins;
     let injected = sim.counters().faults_injected;
     inject(row, sim);
-    let (code, body) = d.http("POST", &format!("/v1/shops/{name}/sync"), Some("{}"));
+    let request = if matches!(row.expect, FullFails(_)) {
+        r#"{"full":true}"#
+    } else {
+        "{}"
+    };
+    let (code, body) = d.http("POST", &format!("/v1/shops/{name}/sync"), Some(request));
     if code != 202 {
         return Err(seen.fail(format!("sync request answered {code}: {body}")));
     }
@@ -898,6 +979,31 @@ fn sync_row(
                 return Err(seen.fail(format!(
                     "want {attempts} attempts, the run made {}",
                     run["requests"]
+                )));
+            }
+        }
+        Partial(want_kind) | FullFails(want_kind) => {
+            let want_outcome = if matches!(row.expect, Partial(_)) {
+                "partial"
+            } else {
+                "failed"
+            };
+            if run["outcome"] != want_outcome || run["error"]["kind"] != want_kind.as_str() {
+                return Err(seen.fail(format!(
+                    "want a {want_outcome} run of kind {want_kind}: {run:#}"
+                )));
+            }
+            let hint = row.hint(want_kind);
+            if run["error"]["hint"] != hint.as_str() {
+                return Err(seen.fail(format!(
+                    "run hint differs\n  want: {hint}\n  got:  {}",
+                    run["error"]["hint"]
+                )));
+            }
+            if run["deleted"] != 0 || s["sync"]["products"] != PRODUCTS as u64 {
+                return Err(seen.fail(format!(
+                    "the mirror lost products: {run:#} products={}",
+                    s["sync"]["products"]
                 )));
             }
         }
@@ -948,25 +1054,9 @@ fn sync_row(
                 }
             }
         }
-        Inconsistent(want_kind) => {
-            if run["outcome"] != "partial" || run["error"]["kind"] != want_kind.as_str() {
-                return Err(seen.fail(format!(
-                    "want a partial run with a {want_kind} problem: {run:#}"
-                )));
-            }
-            let hint = row.hint(want_kind);
-            if run["error"]["hint"] != hint.as_str() {
-                return Err(seen.fail(format!(
-                    "run hint differs\n  want: {hint}\n  got:  {}",
-                    run["error"]["hint"]
-                )));
-            }
-            let was = before["sync"]["products"].as_u64().unwrap_or(0);
-            if s["sync"]["products"].as_u64().unwrap_or(0) < was {
-                return Err(seen.fail(format!("products were deleted: {was} → {:#}", s["sync"])));
-            }
+        Problem(..) | Refused(..) | Healthy => {
+            return Err(seen.fail("a probe expectation on a sync row"));
         }
-        Problem(..) | Refused(..) => return Err(seen.fail("a probe expectation on a sync row")),
     }
     clear(row, sim);
     Ok(())
@@ -1062,19 +1152,26 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Garbage
             | Fault::RateLimited { .. }
             | Fault::Redirect { .. }
+            | Fault::M1InfoFault { .. }
+            | Fault::M1InfoWrongId { .. }
+            | Fault::M1ListIgnoresRange
+            | Fault::M1HugeSession { .. }
             | Fault::ShortTotal { .. }
             | Fault::PartialListing { .. }
             | Fault::Endless { .. } => true,
         }
     }
-    // The listing modes act on Magento 2 product listings only, which a
-    // probe does not page: one sync row each.
-    fn scope(f: &Fault) -> &'static [(P, Phase)] {
+    // The platforms a mode concerns (each needs a probe and a sync row).
+    fn platforms(f: &Fault) -> &'static [P] {
         match f {
+            Fault::M1InfoFault { .. }
+            | Fault::M1InfoWrongId { .. }
+            | Fault::M1ListIgnoresRange
+            | Fault::M1HugeSession { .. } => &[M1],
             Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {
-                &[(M2, Sync)]
+                &[M2]
             }
-            _ => &[(M1, Probe), (M1, Sync), (M2, Probe), (M2, Sync)],
+            _ => &[M1, M2],
         }
     }
     let modes = [
@@ -1092,13 +1189,19 @@ fn matrix_covers_every_fault_mode() {
             status: 307,
             to: REDIRECT_TO.to_string(),
         },
+        Fault::M1InfoFault { code: 1, every: 3 },
+        Fault::M1InfoWrongId { every: 2 },
+        Fault::M1ListIgnoresRange,
+        Fault::M1HugeSession {
+            bytes: HUGE_SESSION,
+        },
         Fault::ShortTotal { total: 3 },
         Fault::PartialListing { items: 10 },
         Fault::Endless { total: 1 },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
-        for &(p, phase) in scope(m) {
-            {
+        for &p in platforms(m) {
+            for phase in [Probe, Sync] {
                 let n = ROWS
                     .iter()
                     .filter(|r| {
@@ -1110,7 +1213,9 @@ fn matrix_covers_every_fault_mode() {
                         mode == Some(m.name()) && r.p == p && r.phase == phase
                     })
                     .count();
-                assert_eq!(n, 1, "{} × {p:?} × {phase:?}: {n} rows", m.name());
+                // More than one when a mode is met with several settings
+                // (fault 1 and fault 101 of `m1_info_fault`).
+                assert!(n >= 1, "{} × {p:?} × {phase:?}: no row", m.name());
             }
         }
     }
@@ -1143,6 +1248,7 @@ fn status_cell(e: Expect) -> String {
             code("healthy")
         ),
         Recovers(None, Relogin) => format!("{} (logs in again)", code("healthy")),
+        Healthy => format!("{} (the probe does not meet it)", code("healthy")),
         _ => String::new(),
     }
 }
@@ -1157,20 +1263,24 @@ fn sync_cell(e: Expect) -> String {
         Recovers(_, RetryAfter) => "ok: waits as `Retry-After` asks, then retries".to_string(),
         Recovers(_, Relogin) => "ok: logs in again and repeats the call".to_string(),
         Refused(..) => "not started (409 `shop_unhealthy`)".to_string(),
-        Inconsistent(k) => format!(
-            "{} with a {} problem naming the inconsistency; nothing is deleted",
+        Partial(k) => format!(
+            "ends {} ({}): nothing deleted, those products keep their mirrored copy, the checkpoint stays",
             code("partial"),
             code(k.as_str())
         ),
-        Problem(..) => String::new(),
+        FullFails(k) => format!(
+            "a full sync stops at once: {}, nothing deleted",
+            code(k.as_str())
+        ),
+        Problem(..) | Healthy => String::new(),
     }
 }
 
 fn expect_kind(e: Expect) -> Option<FailureKind> {
     match e {
-        Problem(_, k) | RunFails(k, _) | Refused(_, k) | Inconsistent(k) => Some(k),
+        Problem(_, k) | RunFails(k, _) | Refused(_, k) | Partial(k) | FullFails(k) => Some(k),
         Recovers(k, _) => k,
-        RunOk => None,
+        RunOk | Healthy => None,
     }
 }
 
