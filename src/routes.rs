@@ -1,4 +1,4 @@
-//! The control API's routes (DESIGN.md "Control socket"). JSON in and out;
+//! The control API's routes (documented in docs/control-api.md). JSON in and out;
 //! errors as `{"error": {"kind": ..., "message": ...}}`. Request bodies are
 //! capped at 64 KiB and must arrive within 10 s.
 
@@ -39,6 +39,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/shops/{name}/credentials", put(rotate))
         .route("/v1/shops/{name}/sync", post(start_sync))
         .route("/v1/shops/{name}/runs", get(runs))
+        .route("/v1/shops/{name}/runs/{id}", get(run_by_id))
+        .route("/v1/shops/{name}/requests/{id}", get(request_by_id))
         .route(
             "/v1/shops/{name}/products",
             get(products).delete(purge_retained),
@@ -47,7 +49,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see DESIGN.md for the API",
+                "no such route; docs/control-api.md lists the API",
             )
         })
         .layer(axum::middleware::map_response(json_errors))
@@ -81,7 +83,7 @@ async fn json_errors(resp: Response) -> Response {
     let (kind, fallback) = match status {
         StatusCode::METHOD_NOT_ALLOWED => (
             "method_not_allowed",
-            "this route does not take that method; see DESIGN.md for the API",
+            "this route does not take that method; docs/control-api.md lists the API",
         ),
         StatusCode::NOT_FOUND => ("not_found", "not found"),
         StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request too large"),
@@ -791,20 +793,106 @@ async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiR
         d.syncs.allow_mass_delete(&rec.name);
     }
     let requested_at = crate::probe::rfc3339(chrono::Utc::now());
-    let job = d.queue.schedule_at(&rec.name, kind, now_ms(), true)?;
+    let request_id = d.store.next_request_id()?;
+    let placed = d
+        .syncs
+        .add_request(
+            &rec.name,
+            crate::sync::SyncRequest {
+                request_id,
+                kind: kind.as_str(),
+                requested_at: requested_at.clone(),
+            },
+        )
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!(
+                    "{name} has {} sync requests waiting already; they are all answered by its next run",
+                    crate::sync::MAX_PENDING_REQUESTS
+                ),
+            )
+        })?;
+    let (job, run_id) = match placed {
+        crate::sync::Placed::Queued => (
+            Some(d.queue.schedule_at(&rec.name, kind, now_ms(), true)?.seq),
+            None,
+        ),
+        crate::sync::Placed::Running(run) => (None, Some(run)),
+    };
     d.store.flush().await?;
+    let state = if run_id.is_some() {
+        "running"
+    } else {
+        "queued"
+    };
     ok_json(
         StatusCode::ACCEPTED,
-        json!({"shop": name, "kind": kind.as_str(), "job": job.seq, "requested_at": requested_at, "requested_at_ms": now_ms()}),
+        json!({
+            "shop": name, "kind": kind.as_str(), "request_id": request_id, "state": state,
+            "run_id": run_id, "job": job, "requested_at": requested_at, "requested_at_ms": now_ms(),
+            "request_url": format!("/v1/shops/{}/requests/{request_id}", crate::magento::oauth::encode(&name)),
+        }),
     )
 }
 
-async fn runs(State(d): D, Path(name): Path<String>) -> ApiResult {
+#[derive(Deserialize)]
+struct RunsQuery {
+    /// A sync request id: answer where that request stands instead.
+    request: Option<u64>,
+}
+
+async fn runs(State(d): D, Path(name): Path<String>, Query(q): Query<RunsQuery>) -> ApiResult {
     if d.registry.get(&name).is_none() {
         return Err(ApiError::no_shop(&name));
     }
+    if let Some(id) = q.request {
+        return request_state(&d, &name, id);
+    }
     let runs = crate::sync::recent_runs(&d.store, &name, 100)?;
-    ok_json(StatusCode::OK, json!({ "runs": runs }))
+    let running = d.syncs.running_json(&name);
+    ok_json(StatusCode::OK, json!({ "runs": runs, "running": running }))
+}
+
+fn request_state(d: &Daemon, name: &str, id: u64) -> ApiResult {
+    match d.syncs.request_json(&d.store, name, id) {
+        Some(mut v) => {
+            // Whether a queued request can run at all.
+            v["shop_state"] = json!(d.health.get(name).state);
+            ok_json(StatusCode::OK, v)
+        }
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no sync request {id} for {name}: not waiting, and no kept run answers it (a request not yet run when the daemon restarted is forgotten; ask again with `cobbyd sync {name}`)"
+            ),
+        )),
+    }
+}
+
+async fn request_by_id(State(d): D, Path((name, id)): Path<(String, u64)>) -> ApiResult {
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    request_state(&d, &name, id)
+}
+
+async fn run_by_id(State(d): D, Path((name, id)): Path<(String, u64)>) -> ApiResult {
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    match d.syncs.run_json(&d.store, &name, id) {
+        Some(v) => ok_json(StatusCode::OK, v),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no run {id} of {name}: not running and not among the kept runs (`sync.keep_runs`)"
+            ),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

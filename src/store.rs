@@ -524,7 +524,18 @@ impl Store {
     /// reused if nothing that recorded it reached the disk either (sled
     /// recovers writes in order).
     pub fn next_run_id(&self) -> Result<u64, StoreError> {
-        let next = self.inner.meta.update_and_fetch(b"run_seq", |old| {
+        self.next_seq("run_seq")
+    }
+
+    /// The next sync request id (`meta.request_seq`), like
+    /// [`Store::next_run_id`]: never reused, so a client's id cannot name
+    /// someone else's request after a restart.
+    pub fn next_request_id(&self) -> Result<u64, StoreError> {
+        self.next_seq("request_seq")
+    }
+
+    fn next_seq(&self, key: &str) -> Result<u64, StoreError> {
+        let next = self.inner.meta.update_and_fetch(key.as_bytes(), |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_be_bytes);
@@ -532,7 +543,7 @@ impl Store {
         })?;
         next.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_be_bytes)
-            .ok_or_else(|| StoreError::Corrupt("meta.run_seq is not 8 bytes".into()))
+            .ok_or_else(|| StoreError::Corrupt(format!("meta.{key} is not 8 bytes")))
     }
 
     /// The disk trouble that stopped writes, if any.
