@@ -87,6 +87,38 @@ pub enum Fault {
         /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
         to: String,
     },
+    /// The API routes fail with the shop's own error text: Magento 2
+    /// answers 500 `{"message": message}`, Magento 1 an XML-RPC fault 1
+    /// with `message` as its `faultString`. For text a shop controls
+    /// (control characters, CR/LF, bidi overrides) reaching status, the
+    /// CLI and the log.
+    Message {
+        /// The error text, sent as it is.
+        message: std::borrow::Cow<'static, str>,
+    },
+    /// Magento 2 listings (`GET /V1/products`) answer `total_count` as at
+    /// most `total`, while their pages stay as full as the catalog makes
+    /// them: a listing that claims fewer products than it sends (a broken
+    /// collection plugin or a cache in front of the count query).
+    ShortTotal {
+        /// The largest `total_count` answered.
+        total: u64,
+    },
+    /// Magento 2 listings hold only the `items` products with the lowest
+    /// ids; `total_count` still counts the whole match (a listing cut
+    /// short by a proxy or a half-updated module: "10 of 300").
+    PartialListing {
+        /// Products the listings still hold.
+        items: u64,
+    },
+    /// Magento 2 listings always answer a full page of products with new
+    /// ids past the query's lower `entity_id` bound (or past every id
+    /// answered so far), updated now, with this `total_count`: a catalog
+    /// without end.
+    Endless {
+        /// The `total_count` answered.
+        total: u64,
+    },
     /// Magento 1: `catalog_product.info` (alone or in a `multiCall`)
     /// answers fault `code` for every product whose id is a multiple of
     /// `every` (1: all), although `catalog_product.list` lists them: fault 1
@@ -139,6 +171,10 @@ impl Fault {
             Fault::HugeHeaders { .. } => "huge_headers",
             Fault::Latin1 => "latin1",
             Fault::HugePage { .. } => "huge_page",
+            Fault::Message { .. } => "message",
+            Fault::ShortTotal { .. } => "short_total",
+            Fault::PartialListing { .. } => "partial_listing",
+            Fault::Endless { .. } => "endless",
             Fault::M1InfoFault { .. } => "m1_info_fault",
             Fault::M1InfoWrongId { .. } => "m1_info_wrong_id",
             Fault::M1ListIgnoresRange => "m1_list_ignores_range",
@@ -149,13 +185,15 @@ impl Fault {
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
-    /// "http://127.0.0.2:8080"}`, `{"mode": "oversized", "bytes": N}`,
-    /// `{"mode": "huge_headers", "count": N}`, `{"mode": "huge_page",
-    /// "items": N}`, `{"mode": "m1_info_fault", "code": 101, "every": 1}`,
-    /// `{"mode": "m1_info_wrong_id", "every": 2}`, `{"mode":
-    /// "m1_list_ignores_range"}`, `{"mode": "m1_huge_session", "bytes":
-    /// 52428800}`, or a bare mode name (`bom`, `php_notice`, `hangup`,
-    /// `latin1`...).
+    /// "http://127.0.0.2:8080"}`, `{"mode": "short_total", "total": 3}`,
+    /// `{"mode": "partial_listing", "items": 10}`, `{"mode": "endless",
+    /// "total": 1000000000000}`, `{"mode": "m1_info_fault", "code": 101,
+    /// "every": 1}`, `{"mode": "m1_info_wrong_id", "every": 2}`,
+    /// `{"mode": "m1_list_ignores_range"}`, `{"mode": "m1_huge_session",
+    /// "bytes": 52428800}`, `{"mode": "message", "message": "..."}`,
+    /// `{"mode": "oversized", "bytes": N}`, `{"mode": "huge_headers",
+    /// "count": N}`, `{"mode": "huge_page", "items": N}`, or a bare mode
+    /// name (`bom`, `php_notice`, `hangup`, `latin1`...).
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -213,6 +251,23 @@ impl Fault {
                     .ok_or("huge_page needs \"items\"")?
                     .min(20_000_000),
             },
+            "message" => Fault::Message {
+                message: v
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .ok_or("message needs \"message\" (the error text)")?
+                    .to_string()
+                    .into(),
+            },
+            "short_total" => Fault::ShortTotal {
+                total: num("total").ok_or("short_total needs \"total\"")?,
+            },
+            "partial_listing" => Fault::PartialListing {
+                items: num("items").ok_or("partial_listing needs \"items\"")?,
+            },
+            "endless" => Fault::Endless {
+                total: num("total").unwrap_or(1_000_000_000_000),
+            },
             "m1_info_fault" => Fault::M1InfoFault {
                 code: v
                     .get("code")
@@ -248,6 +303,9 @@ impl Fault {
             Fault::Oversized { bytes } => v["bytes"] = (*bytes).into(),
             Fault::HugeHeaders { count } => v["count"] = (*count).into(),
             Fault::HugePage { items } => v["items"] = (*items).into(),
+            Fault::Message { message } => v["message"] = message.as_ref().into(),
+            Fault::ShortTotal { total } | Fault::Endless { total } => v["total"] = (*total).into(),
+            Fault::PartialListing { items } => v["items"] = (*items).into(),
             Fault::M1InfoFault { code, every } => {
                 v["code"] = (*code).into();
                 v["every"] = (*every).into();
@@ -303,6 +361,17 @@ pub fn rate_limited(retry_after_s: u64) -> Resp {
     r.headers_mut()
         .insert(hyper::header::RETRY_AFTER, retry_after_s.into());
     r
+}
+
+/// The shop's own error with `message`: 500 JSON on REST, an XML-RPC
+/// fault 1 on XML-RPC.
+pub fn message(xmlrpc: bool, message: &str) -> Resp {
+    if xmlrpc {
+        crate::sim::server::xml(crate::magento::xmlrpc::encode_fault(1, message))
+    } else {
+        let body = serde_json::json!({ "message": message });
+        json_bytes(500, body.to_string().into_bytes())
+    }
 }
 
 /// A redirect to `to` plus the request's path and query.
@@ -502,6 +571,12 @@ mod tests {
             Fault::HugeHeaders { count: 3 },
             Fault::Latin1,
             Fault::HugePage { items: 9 },
+            Fault::Message {
+                message: "Internal\u{1b}[2J\r\n\u{202e}".into(),
+            },
+            Fault::ShortTotal { total: 3 },
+            Fault::PartialListing { items: 10 },
+            Fault::Endless { total: 7 },
             Fault::M1InfoFault {
                 code: 101,
                 every: 1,

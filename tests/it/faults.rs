@@ -258,6 +258,15 @@ const HUGEPAGE: Situation = Situation {
     what: "Magento 2 product listings ignore the page size (1,000 tiny products per answer)",
     inject: Inject::Mode(Fault::HugePage { items: HUGE_PAGE }),
 };
+/// A shop error whose text tries to rewrite the terminal and forge lines.
+const MESSAGE_TEXT: &str = "Internal Error.\u{1b}[2J\r\nacme  magento2  healthy\u{202e}";
+const MESSAGE: Situation = Situation {
+    id: "message",
+    what: "the shop's error text carries control characters (ESC, CR/LF, bidi overrides): shown escaped",
+    inject: Inject::Mode(Fault::Message {
+        message: std::borrow::Cow::Borrowed(MESSAGE_TEXT),
+    }),
+};
 const M1_INFO_1: Situation = Situation {
     id: "m1info1",
     what: "Magento 1 `catalog_product.info` faults 1 (internal error) for some of the products the listing names",
@@ -288,6 +297,24 @@ const M1_SESSION_ID: Situation = Situation {
     what: "Magento 1 `login` answers a huge session id (Magento's are 32 hex characters)",
     inject: Inject::Mode(Fault::M1HugeSession {
         bytes: HUGE_SESSION,
+    }),
+};
+
+const SHORT_TOTAL: Situation = Situation {
+    id: "short_total",
+    what: "Magento 2 listings answer a `total_count` smaller than the products they send",
+    inject: Inject::Mode(Fault::ShortTotal { total: 3 }),
+};
+const PARTIAL: Situation = Situation {
+    id: "partial",
+    what: "Magento 2 listings hold only some products (10 of 40) while `total_count` counts all (a proxy or half-updated module)",
+    inject: Inject::Mode(Fault::PartialListing { items: 10 }),
+};
+const ENDLESS: Situation = Situation {
+    id: "endless",
+    what: "a Magento 2 listing never ends: full pages of new ids, `total_count` 10^12",
+    inject: Inject::Mode(Fault::Endless {
+        total: 1_000_000_000_000,
     }),
 };
 
@@ -342,6 +369,10 @@ const ROWS: &[Row] = &[
     row(&FLAKY, M2, Probe, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M1, Sync, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M2, Sync, Recovers(Some(K::ServerError), Retried)),
+    row(&MESSAGE, M1, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M2, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M1, Sync, RunFails(K::ServerError, ATTEMPTS)),
+    row(&MESSAGE, M2, Sync, RunFails(K::ServerError, ATTEMPTS)),
     row(&TRUNC, M1, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M2, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
@@ -437,6 +468,12 @@ const ROWS: &[Row] = &[
     row(&M1_RANGE, M1, Sync, FullFails(K::Protocol)),
     row(&M1_SESSION_ID, M1, Probe, Problem("degraded", K::Protocol)),
     row(&M1_SESSION_ID, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&SHORT_TOTAL, M2, Probe, Healthy),
+    row(&SHORT_TOTAL, M2, Sync, Partial(K::Protocol)),
+    row(&PARTIAL, M2, Probe, Healthy),
+    row(&PARTIAL, M2, Sync, Partial(K::Protocol)),
+    row(&ENDLESS, M2, Probe, Healthy),
+    row(&ENDLESS, M2, Sync, RunFails(K::Protocol, 1)),
 ];
 
 impl P {
@@ -626,6 +663,15 @@ fn log_number(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Probes the shop has answered: `core_magento.info` calls (M1),
+/// `storeConfigs` requests (M2).
+fn probe_calls(p: P, sim: &SimHandle) -> u64 {
+    match p {
+        M1 => m1_probe_calls(sim),
+        M2 => sim.counters().m2_store_configs,
+    }
+}
+
 fn m1_probe_calls(sim: &SimHandle) -> u64 {
     sim.counters()
         .by_route
@@ -757,7 +803,7 @@ fn probe_row(
     seen: &mut Seen,
 ) -> Result<(), String> {
     let logins = sim.counters().m1_logins;
-    let probes = m1_probe_calls(sim);
+    let probes = probe_calls(row.p, sim);
     inject(row, sim);
     match row.expect {
         Problem(want_state, want_kind) => {
@@ -860,7 +906,7 @@ fn probe_row(
                 }
                 Relogin => {
                     let t = Instant::now();
-                    while m1_probe_calls(sim) < probes + 3 {
+                    while probe_calls(row.p, sim) < probes + 3 {
                         if t.elapsed() > ROW_WAIT {
                             return Err(seen.fail(format!(
                                 "no probes after the expiry: {:?}",
@@ -893,10 +939,8 @@ fn probe_row(
             Ok(())
         }
         Healthy => {
-            // Requests, not M1 probe calls: the rows of both platforms.
-            let before = sim.counters().requests;
             let t = Instant::now();
-            while sim.counters().requests < before + 6 {
+            while probe_calls(row.p, sim) < probes + 3 {
                 if t.elapsed() > ROW_WAIT {
                     return Err(seen.fail(format!("no probes: {:?}", sim.counters())));
                 }
@@ -1212,10 +1256,14 @@ fn matrix_covers_every_fault_mode() {
             | Fault::HugeHeaders { .. }
             | Fault::Latin1
             | Fault::HugePage { .. }
+            | Fault::Message { .. }
             | Fault::M1InfoFault { .. }
             | Fault::M1InfoWrongId { .. }
             | Fault::M1ListIgnoresRange
-            | Fault::M1HugeSession { .. } => true,
+            | Fault::M1HugeSession { .. }
+            | Fault::ShortTotal { .. }
+            | Fault::PartialListing { .. }
+            | Fault::Endless { .. } => true,
         }
     }
     // The platforms a mode concerns (each needs a probe and a sync row).
@@ -1226,6 +1274,9 @@ fn matrix_covers_every_fault_mode() {
             | Fault::M1ListIgnoresRange
             | Fault::M1HugeSession { .. } => &[M1],
             Fault::HugePage { .. } => &[M2],
+            Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {
+                &[M2]
+            }
             _ => &[M1, M2],
         }
     }
@@ -1251,12 +1302,18 @@ fn matrix_covers_every_fault_mode() {
         Fault::HugeHeaders { count: 2000 },
         Fault::Latin1,
         Fault::HugePage { items: HUGE_PAGE },
+        Fault::Message {
+            message: MESSAGE_TEXT.into(),
+        },
         Fault::M1InfoFault { code: 1, every: 3 },
         Fault::M1InfoWrongId { every: 2 },
         Fault::M1ListIgnoresRange,
         Fault::M1HugeSession {
             bytes: HUGE_SESSION,
         },
+        Fault::ShortTotal { total: 3 },
+        Fault::PartialListing { items: 10 },
+        Fault::Endless { total: 1 },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
         for &p in platforms(m) {
