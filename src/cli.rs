@@ -16,23 +16,57 @@ use std::path::PathBuf;
 pub struct Cli {
     /// Configuration file. When not given, /etc/cobbyd/cobbyd.toml is read if
     /// it exists, else built-in defaults apply.
-    #[arg(long, global = true, value_name = "PATH", env = "COBBYD_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "COBBYD_CONFIG",
+        help_heading = GLOBAL
+    )]
     pub config: Option<PathBuf>,
 
     /// Control socket of the daemon (default: the config's daemon.socket).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = GLOBAL)]
     pub socket: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The help heading of `--config` and `--socket`, apart from each command's
+/// own options.
+const GLOBAL: &str = "Global options";
+
+/// `--config` and `--socket` for a command that uses neither (the demo and
+/// the simulator make their own): still accepted, so a script may pass them
+/// to every command, but left out of its help. (A command that has its own
+/// argument of a global's name does not get the global one.)
+#[derive(Debug, Args)]
+pub struct Unused {
+    #[arg(long, hide = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[arg(long, hide = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+/// `--socket` for a command that does not talk to the daemon.
+#[derive(Debug, Args)]
+pub struct NoSocket {
+    #[arg(long, hide = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+/// A Magento 1 or 2 shop, as the possible values of `--platform` say.
+const PLATFORM_HELP: &str =
+    "Which Magento the shop runs: magento2 (2.x, REST) or magento1 (1.x, XML-RPC)";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground.
-    Run,
-    /// Validate the configuration; exit 0, or 78 with `file: key: problem`.
-    CheckConfig,
+    Run(NoSocket),
+    /// Validate the configuration; exit 0, or 78 with `file: key: problem`
+    /// for every problem found.
+    CheckConfig(NoSocket),
     /// Check the state directory offline (the daemon stopped) and report
     /// every broken invariant.
     ///
@@ -58,16 +92,26 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the built-in Magento 1 and 2 simulator (for tests, demos and
     /// benchmarks).
-    Simulate(crate::sim::SimulateArgs),
+    Simulate(SimulateCommand),
     /// Print the man page (roff) to stdout.
     #[command(hide = true)]
-    Manpage,
+    Manpage(Unused),
     /// Print a shell completion script to stdout.
     #[command(hide = true)]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+        #[command(flatten)]
+        unused: Unused,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateCommand {
+    #[command(flatten)]
+    pub args: crate::sim::SimulateArgs,
+    #[command(flatten)]
+    unused: Unused,
 }
 
 #[derive(Debug, Args)]
@@ -75,11 +119,13 @@ pub struct CheckStateArgs {
     /// Stable JSON for scripts instead of the text report.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    no_socket: NoSocket,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Only this shop.
+    /// Only this shop (its name, as given to `shop add`).
     pub shop: Option<String>,
     /// Stable JSON for scripts instead of the table.
     #[arg(long)]
@@ -93,53 +139,73 @@ pub enum ShopCommand {
     Add(ShopAddArgs),
     /// List registered shops (secrets redacted).
     List {
+        /// Stable JSON for scripts instead of the table.
         #[arg(long)]
         json: bool,
+        /// List instead the mirrors kept by `shop remove` without --purge
+        /// (`products NAME` exports one, `shop purge NAME` drops it).
+        #[arg(long)]
+        retained: bool,
     },
     /// Show one shop (secrets redacted).
     Show {
+        /// The shop's name, as given to `shop add`.
         name: String,
+        /// Stable JSON for scripts instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Probe a shop now and print the diagnosis; exit 0 if it answers and
     /// accepts the credentials.
     Test {
+        /// The shop's name, as given to `shop add`.
         name: String,
+        /// Stable JSON for scripts instead of the text.
         #[arg(long)]
         json: bool,
     },
     /// Replace a shop's credentials: tested first, swapped atomically, the
     /// old ones kept if the test fails.
     Rotate {
+        /// The shop's name, as given to `shop add`.
         name: String,
         /// TOML file with the new credentials, or - for standard input.
         #[arg(long, value_name = "PATH|-")]
         credentials_file: PathBuf,
     },
-    /// Unregister a shop and stop its jobs.
+    /// Unregister a shop and stop its jobs. Its mirrored products are kept
+    /// (see `shop list --retained`) unless --purge.
     Remove {
+        /// The shop's name, as given to `shop add`.
         name: String,
         /// Also drop the mirrored products.
         #[arg(long)]
         purge: bool,
     },
+    /// Drop the mirrored products a `shop remove` without --purge kept.
+    Purge {
+        /// The removed shop's name, as `shop list --retained` shows it.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct ShopAddArgs {
-    /// Name: 1 to 64 characters of a-z, 0-9, '_' and '-'.
+    /// The name cobbyd will know the shop by: 1 to 64 characters of a-z,
+    /// 0-9, '_' and '-'.
     pub name: String,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = PLATFORM_HELP)]
     pub platform: Platform,
-    /// The shop's base URL, e.g. https://shop.example.com (plain http://
-    /// needs --allow-insecure-http).
+    /// The shop's base URL, e.g. https://shop.example.com: the storefront's
+    /// address, without /admin, /rest or /api (plain http:// needs
+    /// --allow-insecure-http).
     #[arg(long)]
     pub url: String,
     /// Store view to mirror (repeatable; default: "default").
     #[arg(long = "store-code", value_name = "CODE")]
     pub store_codes: Vec<String>,
-    /// Magento 2 authentication.
+    /// Magento 2 authentication (Magento 1 always logs in with api_user and
+    /// api_key).
     #[arg(long, value_enum, default_value_t = AuthMode::Oauth)]
     pub auth: AuthMode,
     /// TOML file with the credentials, or - for standard input. Magento 2:
@@ -165,6 +231,7 @@ pub struct ShopAddArgs {
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
+    /// The shop's name, as given to `shop add`.
     pub name: String,
     /// A full reconcile (lists every SKU, removes products gone from the shop).
     #[arg(long)]
@@ -189,7 +256,10 @@ pub enum ExportFormat {
 
 #[derive(Debug, Args)]
 pub struct ProductsArgs {
+    /// The shop's name, as given to `shop add` (also a removed shop whose
+    /// products were kept: `shop list --retained`).
     pub name: String,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
     pub format: ExportFormat,
     /// Store view (default: the shop's first).
@@ -199,7 +269,8 @@ pub struct ProductsArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Which kind of shop to simulate.
+    /// Which Magento the simulated shop runs: magento2 (2.x, REST) or
+    /// magento1 (1.x, XML-RPC).
     #[arg(long, value_enum, default_value_t = Platform::Magento2)]
     pub platform: Platform,
     /// Products in the simulated catalog.
@@ -209,4 +280,6 @@ pub struct DemoArgs {
     /// (implied when stdout is not a terminal).
     #[arg(long)]
     pub non_interactive: bool,
+    #[command(flatten)]
+    unused: Unused,
 }

@@ -238,13 +238,6 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         let mut cells: Vec<String> = r.to_vec();
         cells[2] = style.state(&r[2]);
         out.push_str(&line(cells, r));
-        if s["insecure_http"] == true {
-            out.push_str(&format!(
-                "  ↳ {}: {}\n",
-                r[0],
-                crate::shop::INSECURE_HTTP_NOTE
-            ));
-        }
         if let Some(p) = s.get("problem").filter(|p| !p.is_null()) {
             out.push_str(&format!(
                 "  ↳ {}: {} ({} attempt{}, since {})\n    hint: {}\n",
@@ -267,6 +260,20 @@ pub fn render_status(v: &Value, style: &Style) -> String {
                 e["message"].as_str().unwrap_or("")
             ));
         }
+    }
+    // One line for all plain-http shops, not one under each.
+    let plain: Vec<&str> = shops
+        .iter()
+        .filter(|s| s["insecure_http"] == true)
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    if !plain.is_empty() {
+        out.push_str(&format!(
+            "\n{} {}: {}\n",
+            if plain.len() == 1 { "shop" } else { "shops" },
+            plain.join(", "),
+            crate::shop::INSECURE_HTTP_NOTE
+        ));
     }
     out
 }
@@ -357,10 +364,21 @@ pub fn read_credentials(path: &Path) -> Result<String, String> {
 }
 
 /// Validates credentials locally (clear errors before any network) and
-/// returns them as the JSON object the daemon takes.
+/// returns them as the JSON object the daemon takes. An error names the
+/// file and, where it can, the line.
 fn credentials_json(path: &Path, platform: Platform, auth: AuthMode) -> Result<Value, String> {
     let text = read_credentials(path)?;
-    Credentials::parse_toml(&text, platform, auth).map_err(|e| format!("credentials: {e}"))?;
+    let source = if path == Path::new("-") {
+        "credentials from standard input".to_string()
+    } else {
+        format!("credentials file {}", path.display())
+    };
+    Credentials::parse_toml(&text, platform, auth).map_err(
+        |e| match crate::shop::credential_line(&text, &e.field) {
+            Some(line) => format!("{source}, line {line}: {e}"),
+            None => format!("{source}: {e}"),
+        },
+    )?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
@@ -387,6 +405,129 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// Rows padded to their columns' widths, two spaces apart; the last
+/// column is not padded.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; n];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut l = String::new();
+        for (i, c) in r.iter().enumerate() {
+            l.push_str(c);
+            if i + 1 < r.len() {
+                l.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A shop's authentication as people read it: Magento 1 has no modes (it
+/// logs in with the API user and key).
+fn auth_cell(s: &Value) -> String {
+    if s["platform"] == "magento1" {
+        "-".into()
+    } else {
+        s["auth"].as_str().unwrap_or("?").to_string()
+    }
+}
+
+/// `shop list`: a header and aligned columns, however long the URLs.
+pub fn render_shop_list(v: &Value) -> String {
+    let shops = v["shops"].as_array().cloned().unwrap_or_default();
+    if shops.is_empty() {
+        return "No shops registered.\n".into();
+    }
+    let mut rows = vec![
+        ["NAME", "PLATFORM", "AUTH", "STORES", "URL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for s in &shops {
+        rows.push(vec![
+            s["name"].as_str().unwrap_or("?").to_string(),
+            s["platform"].as_str().unwrap_or("?").to_string(),
+            auth_cell(s),
+            s["store_codes"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            format!(
+                "{}{}",
+                s["url"].as_str().unwrap_or("?"),
+                if s["insecure_http"] == true {
+                    " (plain http)"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+    }
+    columns(&rows)
+}
+
+/// `shop list --retained`: the mirrors removed shops left.
+pub fn render_retained(v: &Value) -> String {
+    let kept = v["retained"].as_array().cloned().unwrap_or_default();
+    if kept.is_empty() {
+        return "No kept mirrors: every mirror belongs to a registered shop.\n".into();
+    }
+    let mut rows = vec![["NAME", "STORE", "PRODUCTS"].map(String::from).to_vec()];
+    for m in &kept {
+        for st in m["stores"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                m["name"].as_str().unwrap_or("?").to_string(),
+                st["store_code"].as_str().unwrap_or("?").to_string(),
+                thousands(st["products"].as_u64().unwrap_or(0)),
+            ]);
+        }
+    }
+    let mut out = columns(&rows);
+    out.push_str(
+        "\nKept by `shop remove` without --purge: `cobbyd products NAME` exports one, `cobbyd shop purge NAME` drops it.\n",
+    );
+    out
+}
+
+/// `shop show`: one `key value` line per field, the keys aligned; the
+/// plain-http facts in one line; no auth mode for Magento 1.
+pub fn render_shop_show(v: &Value) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (k, val) in v.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "status" | "allow_insecure_http" => continue,
+            "auth" => rows.push(vec![k.clone(), auth_cell(v)]),
+            "insecure_http" => {
+                if *val == true {
+                    let why = if v["allow_insecure_http"] == true {
+                        "allowed with --allow-insecure-http"
+                    } else {
+                        "registered before --allow-insecure-http existed"
+                    };
+                    rows.push(vec![k.clone(), format!("true ({why})")]);
+                } else {
+                    rows.push(vec![k.clone(), "false".into()]);
+                }
+            }
+            _ => rows.push(vec![k.clone(), plain(val)]),
+        }
+    }
+    columns(&rows)
+}
+
 /// GETs a JSON answer, or the exit code to return (the error already
 /// printed).
 async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
@@ -401,42 +542,41 @@ async fn get_json(client: &Client, path: &str) -> Result<Value, u8> {
 pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
     match cmd {
         ShopCommand::Add(a) => shop_add(client, a).await,
-        ShopCommand::List { json } => {
-            let v = match get_json(client, "/v1/shops").await {
+        ShopCommand::List { json, retained } => {
+            let path = if *retained {
+                "/v1/shops?retained=true"
+            } else {
+                "/v1/shops"
+            };
+            let v = match get_json(client, path).await {
                 Ok(v) => v,
                 Err(code) => return code,
             };
             if *json {
                 print_json(&v);
+            } else if *retained {
+                print!("{}", render_retained(&v));
             } else {
-                let shops = v["shops"].as_array().cloned().unwrap_or_default();
-                if shops.is_empty() {
-                    println!("No shops registered.");
-                }
-                for s in shops {
-                    println!(
-                        "{:<20} {:<9} {:<7} {}{}  stores: {}",
-                        s["name"].as_str().unwrap_or("?"),
-                        s["platform"].as_str().unwrap_or("?"),
-                        s["auth"].as_str().unwrap_or("?"),
-                        s["url"].as_str().unwrap_or("?"),
-                        if s["insecure_http"] == true {
-                            " (plain http)"
-                        } else {
-                            ""
-                        },
-                        s["store_codes"]
-                            .as_array()
-                            .map(|c| c
-                                .iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default()
-                    );
-                }
+                print!("{}", render_shop_list(&v));
             }
             0
+        }
+        ShopCommand::Purge { name } => {
+            match client
+                .request(
+                    Method::DELETE,
+                    &format!("/v1/shops/{}/products", crate::magento::oauth::encode(name)),
+                    None,
+                )
+                .await
+            {
+                Ok(a) if a.status.is_success() => {
+                    println!("{name}: kept mirror purged, its products dropped");
+                    0
+                }
+                Ok(a) => refused(&a),
+                Err(e) => fail(&e),
+            }
         }
         ShopCommand::Show { name, json } => {
             let path = format!("/v1/shops/{}", crate::magento::oauth::encode(name));
@@ -447,13 +587,7 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
             if *json {
                 print_json(&v);
             } else {
-                let mut shown = v.clone();
-                if let Some(o) = shown.as_object_mut() {
-                    o.remove("status");
-                }
-                for (k, val) in shown.as_object().into_iter().flatten() {
-                    println!("{k:<12} {}", plain(val));
-                }
+                print!("{}", render_shop_show(&v));
                 let status = json!({"daemon": {}, "shops": [v["status"].clone()]});
                 let table = render_status(&status, &Style::detect());
                 println!("{}", table.split_once('\n').map(|x| x.1).unwrap_or(""));
@@ -572,14 +706,16 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 .await
             {
                 Ok(a) if a.status.is_success() => {
-                    println!(
-                        "{name}: removed{}",
-                        if *purge {
-                            ", mirrored products dropped"
-                        } else {
-                            " (mirrored products kept; --purge drops them)"
-                        }
-                    );
+                    let v = a.json().unwrap_or_default();
+                    if v["was_retained"] == true {
+                        println!("{name}: was removed already; its kept products are now dropped");
+                    } else if *purge {
+                        println!("{name}: removed, mirrored products dropped");
+                    } else {
+                        println!(
+                            "{name}: removed; its mirrored products are kept (`cobbyd products {name}` exports them, `cobbyd shop purge {name}` drops them)"
+                        );
+                    }
                     0
                 }
                 Ok(a) => refused(&a),
@@ -657,19 +793,14 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
     }
 }
 
-/// `cobbyd sync NAME [--full] [--wait]`.
+/// `cobbyd sync NAME [--full] [--wait]`: asks for a run, and with `--wait`
+/// follows the run that answers this request (the daemon says which: a
+/// newer run of another kind never stands in for it) and exits with its
+/// outcome.
 pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
     let name = crate::magento::oauth::encode(&args.name);
-    let before = match client.get(&format!("/v1/status?shop={name}")).await {
-        Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
-        Ok(a) => return refused(&a),
-        Err(e) => return fail(&e),
-    };
-    let last_before = before["shops"][0]["sync"]["last_run"]["run_id"]
-        .as_u64()
-        .unwrap_or(0);
-    let running_before = before["shops"][0]["sync"]["progress"]["run_id"].as_u64();
-    match client
+    let kind = if args.full { "full" } else { "incremental" };
+    let answer = match client
         .request(
             Method::POST,
             &format!("/v1/shops/{name}/sync"),
@@ -677,88 +808,199 @@ pub async fn sync(client: &Client, args: &SyncArgs) -> u8 {
         )
         .await
     {
-        Ok(a) if a.status.is_success() => {}
+        Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
         Ok(a) => return refused(&a),
         Err(e) => return fail(&e),
-    }
+    };
+    let Some(id) = answer["request_id"].as_u64() else {
+        eprintln!(
+            "cobbyd: the daemon accepted the sync but gave no request id to follow (is it older than this client? restart it)"
+        );
+        return 4;
+    };
     if !args.wait {
         println!(
-            "{}: {} sync scheduled",
-            args.name,
-            if args.full { "full" } else { "incremental" }
+            "{}: {kind} sync requested (request {id}; `cobbyd sync {} --wait` or GET /v1/shops/{name}/requests/{id} follows it)",
+            args.name, args.name
         );
         return 0;
     }
-    let tty = std::io::stderr().is_terminal();
-    let mut last_line = String::new();
+    let path = format!("/v1/shops/{name}/requests/{id}");
+    let mut view = WaitView::new(&args.name, std::io::stderr().is_terminal());
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let v = match client.get(&format!("/v1/status?shop={name}")).await {
-            Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
-            Ok(a) => return refused(&a),
-            Err(e) => return fail(&e),
+        let v = tokio::select! {
+            a = client.get(&path) => match a {
+                Ok(a) if a.status.is_success() => a.json().unwrap_or_default(),
+                Ok(a) => { view.clear(); return refused(&a); }
+                Err(e) => { view.clear(); return fail(&e); }
+            },
+            _ = &mut ctrl_c => return view.interrupted(id),
         };
-        let shop = &v["shops"][0];
-        let sync = &shop["sync"];
-        let last = &sync["last_run"];
-        let last_id = last["run_id"].as_u64().unwrap_or(0);
-        // Done when a run newer than any known at request time has ended (a
-        // run already going then may not include what was asked for).
-        // With --full, only a full reconcile answers the request (an
-        // incremental run that was due anyway may end first).
-        let kind_ok = !args.full || last["kind"] == "full_sync";
-        let finished = kind_ok
-            && last_id > last_before.max(running_before.unwrap_or(0))
-            && sync["progress"].is_null();
-        let state = shop["state"].as_str().unwrap_or("unknown");
-        if sync["progress"].is_null() && matches!(state, "down" | "auth_failed" | "misconfigured") {
-            eprintln!(
-                "cobbyd: {}: the shop is {state}; the sync will not run until it is reachable (`cobbyd status {}`)",
-                args.name, args.name
-            );
-            return 1;
-        }
-        let line = sync_cell(sync);
-        if line != last_line {
-            if tty {
-                eprint!("\r\x1b[2K{}: {line}", args.name);
-            } else {
-                eprintln!("{}: {line}", args.name);
+        match v["state"].as_str().unwrap_or("") {
+            "done" => {
+                view.clear();
+                return print_run_end(&args.name, &v["run"]);
             }
-            last_line = line;
-        }
-        if finished && sync["state"] == "idle" {
-            if tty {
-                eprintln!();
-            }
-            let ok = last["outcome"] == "ok";
-            println!(
-                "{}: sync {} — {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
-                args.name,
-                last["outcome"].as_str().unwrap_or("?"),
-                last["fetched"],
-                last["created"],
-                last["updated"],
-                last["unchanged"],
-                last["deleted"],
-                last["requests"],
-                last["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
-            );
-            if !ok {
-                if let Some(e) = last.get("error").filter(|e| !e.is_null()) {
+            "running" => view.running(&v),
+            _ => {
+                let shop_state = v["shop_state"].as_str().unwrap_or("unknown");
+                if matches!(shop_state, "down" | "auth_failed" | "misconfigured") {
+                    view.clear();
                     eprintln!(
-                        "cobbyd: {}: {}",
-                        e["kind"].as_str().unwrap_or("?"),
-                        e["message"].as_str().unwrap_or("")
+                        "cobbyd: {}: the shop is {shop_state}; the sync (request {id}) will run once it is reachable (`cobbyd status {}`)",
+                        args.name, args.name
                     );
-                    if let Some(h) = e["hint"].as_str() {
-                        eprintln!("hint: {h}");
-                    }
+                    return 1;
                 }
-                return 1;
+                view.queued(id, kind);
             }
-            return 0;
         }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = &mut ctrl_c => return view.interrupted(id),
+        }
+    }
+}
+
+/// Prints a finished run's summary; 0 when it ended `ok`.
+fn print_run_end(shop: &str, run: &Value) -> u8 {
+    println!(
+        "{shop}: {} {} (run {}) — {} fetched, {} created, {} updated, {} unchanged, {} deleted, {} requests in {:.1}s",
+        run["kind"].as_str().unwrap_or("sync"),
+        run["outcome"].as_str().unwrap_or("?"),
+        run["run_id"],
+        run["fetched"],
+        run["created"],
+        run["updated"],
+        run["unchanged"],
+        run["deleted"],
+        run["requests"],
+        run["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    if run["outcome"] == "ok" {
+        return 0;
+    }
+    if let Some(e) = run.get("error").filter(|e| !e.is_null()) {
+        eprintln!(
+            "cobbyd: {}: {}",
+            e["kind"].as_str().unwrap_or("?"),
+            e["message"].as_str().unwrap_or("")
+        );
+        if let Some(h) = e["hint"].as_str() {
+            eprintln!("hint: {h}");
+        }
+    }
+    1
+}
+
+/// How `sync --wait` shows a run going: a progress bar on a terminal,
+/// otherwise a plain line when something changed (at most one a second
+/// while products are counted).
+struct WaitView {
+    shop: String,
+    bar: Option<indicatif::ProgressBar>,
+    last_line: String,
+    last_print: Option<std::time::Instant>,
+}
+
+impl WaitView {
+    fn new(shop: &str, tty: bool) -> WaitView {
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} {bar:30.cyan/blue} {pos:>7}/{len:7} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("█▉▊▋▌▍▎▏ "),
+            );
+            b.set_prefix(shop.to_string());
+            b
+        });
+        WaitView {
+            shop: shop.to_string(),
+            bar,
+            last_line: String::new(),
+            last_print: None,
+        }
+    }
+
+    fn line(&mut self, line: String, counting: bool) {
+        if line == self.last_line {
+            return;
+        }
+        // Product counts change all the time: one line a second of them.
+        if counting
+            && self
+                .last_print
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        eprintln!("{}: {line}", self.shop);
+        self.last_line = line;
+        self.last_print = Some(std::time::Instant::now());
+    }
+
+    fn queued(&mut self, id: u64, kind: &str) {
+        let msg = format!("request {id} queued: the {kind} sync starts when the shop is free");
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => self.line(msg, false),
+        }
+    }
+
+    fn running(&mut self, v: &Value) {
+        let p = &v["progress"];
+        let done = p["done"].as_u64().unwrap_or(0);
+        let total = p["total"].as_u64().map(|t| t.max(done));
+        let rate = p["rate_per_s"].as_f64().unwrap_or(0.0);
+        let eta = p["eta_s"].as_u64().map(uptime);
+        let what = format!(
+            "run {} {} {}",
+            v["run_id"],
+            p["kind"].as_str().unwrap_or("sync"),
+            p["phase"].as_str().unwrap_or("")
+        );
+        if let Some(b) = &self.bar {
+            b.set_length(total.unwrap_or(done));
+            b.set_position(done);
+            b.set_message(format!(
+                "{}/s · ETA {} · {what}",
+                thousands(rate as u64),
+                eta.as_deref().unwrap_or("?")
+            ));
+            return;
+        }
+        let mut line = format!("{what}: {} products", thousands(done));
+        if let Some(t) = total {
+            line = format!("{what}: {}/{} products", thousands(done), thousands(t));
+            if let Some(pc) = p["percent"].as_f64() {
+                line.push_str(&format!(" ({pc:.0}%)"));
+            }
+        }
+        line.push_str(&format!(", {}/s", thousands(rate as u64)));
+        if let Some(eta) = eta {
+            line.push_str(&format!(", ETA {eta}"));
+        }
+        self.line(line, true);
+    }
+
+    fn clear(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+
+    /// Ctrl-C: the client stops following; the daemon keeps the run.
+    fn interrupted(&mut self, id: u64) -> u8 {
+        self.clear();
+        eprintln!(
+            "\ncobbyd: stopped waiting; the sync goes on in the daemon (request {id}): `cobbyd status {}` shows it",
+            self.shop
+        );
+        130
     }
 }
 

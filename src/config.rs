@@ -151,15 +151,56 @@ impl Default for SyncConfig {
 }
 
 /// A refused configuration: where, which key, why. Displays as
-/// `file: key: problem`, the `check-config` contract.
-#[derive(Debug, thiserror::Error)]
-#[error("{source_name}: {key}: {problem}")]
+/// `file: key: problem`, the `check-config` contract, one line per problem
+/// when there are several (`others`).
+#[derive(Debug)]
 pub struct ConfigError {
     /// The file path, or `environment` for a `COBBYD__` variable.
     pub source_name: String,
     /// Dotted key (`probe.interval`), or `-` when the file as a whole is bad.
     pub key: String,
+    /// Why, with the file's line where it is known (`(line 7)`).
     pub problem: String,
+    /// The further problems found in the same configuration, in file order.
+    pub others: Vec<ConfigError>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.source_name, self.key, self.problem)?;
+        for e in &self.others {
+            write!(f, "\n{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn new(source_name: &str, key: &str, problem: String) -> ConfigError {
+        ConfigError {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            problem,
+            others: Vec::new(),
+        }
+    }
+
+    /// The first problem, carrying the others.
+    fn gather(mut all: Vec<ConfigError>) -> Option<ConfigError> {
+        if all.is_empty() {
+            return None;
+        }
+        let mut first = all.remove(0);
+        first.others = all;
+        Some(first)
+    }
+
+    /// Every problem, this one first.
+    pub fn all(&self) -> impl Iterator<Item = &ConfigError> {
+        std::iter::once(self).chain(self.others.iter())
+    }
 }
 
 /// A loaded configuration and the file it came from.
@@ -183,11 +224,7 @@ pub fn load_with_env(
 ) -> Result<Loaded, ConfigError> {
     let path = explicit.map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), Path::to_path_buf);
     let shown = path.display().to_string();
-    let bad = |key: &str, problem: String| ConfigError {
-        source_name: shown.clone(),
-        key: key.to_string(),
-        problem,
-    };
+    let bad = |key: &str, problem: String| ConfigError::new(&shown, key, problem);
     let text = match std::fs::metadata(&path) {
         Ok(meta) if meta.len() > MAX_CONFIG_BYTES => {
             return Err(bad(
@@ -215,37 +252,73 @@ pub fn load_with_env(
 /// Parses a configuration from its text (`None`: no file, defaults) and
 /// the environment; `shown` names the file in errors. No file system
 /// access: [`load_with_env`] reads the file, the fuzz targets call this.
+/// The error is the first problem and carries every other one found
+/// ([`ConfigError::all`]): all unknown keys and all bad values.
 pub fn parse(
     shown: &str,
     text: Option<&str>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let bad = |key: &str, problem: String| ConfigError {
-        source_name: shown.to_string(),
-        key: key.to_string(),
-        problem,
-    };
+    parse_all(shown, text, env).map_err(|all| {
+        ConfigError::gather(all).unwrap_or_else(|| ConfigError::new(shown, "-", "refused".into()))
+    })
+}
+
+/// [`parse`], with every problem in a list (never empty on `Err`).
+fn parse_all(
+    shown: &str,
+    text: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, Vec<ConfigError>> {
+    let bad = |key: &str, problem: String| ConfigError::new(shown, key, problem);
     let env: std::collections::HashMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("COBBYD__"))
         .collect();
+    // A value set by the environment is reported as coming from there;
+    // one from the file with the file's line when it can be found.
+    let located = |key: &str, problem: String| -> ConfigError {
+        let env_name = format!("COBBYD__{}", key.replace('.', "__").to_uppercase());
+        let key = if key == "." || key.is_empty() {
+            "-"
+        } else {
+            key
+        };
+        if env.contains_key(&env_name) {
+            ConfigError::new(&format!("environment {env_name}"), key, problem)
+        } else {
+            match text.and_then(|t| line_of(t, key)) {
+                Some(line) => bad(key, format!("{problem} (line {line})")),
+                None => bad(key, problem),
+            }
+        }
+    };
     let mut builder = config::Config::builder();
     if let Some(text) = text {
         if text.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(bad(
+            return Err(vec![bad(
                 "-",
                 format!(
                     "file is {} bytes; a config is at most {MAX_CONFIG_BYTES}",
                     text.len()
                 ),
-            ));
+            )]);
         }
-        // Parse with `toml` first: its errors carry line and column.
+        // Parse with `toml` first: its errors carry the place.
         if let Err(e) = text.parse::<toml::Table>() {
-            return Err(bad(
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+                    format!(" at line {line}, column {column}")
+                })
+                .unwrap_or_default();
+            return Err(vec![bad(
                 "-",
-                format!("not valid TOML: {}", e.to_string().trim()),
-            ));
+                format!("not valid TOML{at}: {}", e.message().trim()),
+            )]);
         }
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
     }
@@ -256,40 +329,205 @@ pub fn parse(
             .try_parsing(true)
             .source(Some(env.clone().into_iter().collect())),
     );
-    let built = builder.build().map_err(|e| bad("-", e.to_string()))?;
-    let config: Config = serde_path_to_error::deserialize(built).map_err(|e| {
-        let key = e.path().to_string();
-        let env_name = format!("COBBYD__{}", key.replace('.', "__").to_uppercase());
-        let source_name = if env.contains_key(&env_name) {
-            format!("environment {env_name}")
-        } else {
-            shown.to_string()
-        };
-        ConfigError {
-            source_name,
-            // `.` or nothing: the top level (e.g. the variable `COBBYD__`).
-            key: if key == "." || key.is_empty() {
-                "-".into()
-            } else {
-                key
-            },
-            problem: clean_serde_message(&e.into_inner().to_string()),
-        }
-    })?;
-    validate(&config).map_err(|(key, problem)| {
-        // A value set by the environment is reported as coming from there.
-        let env_name = format!("COBBYD__{}", key.replace('.', "__").to_uppercase());
-        if env.contains_key(&env_name) {
-            ConfigError {
-                source_name: format!("environment {env_name}"),
-                key: key.to_string(),
-                problem,
+    let built = builder.build().map_err(|e| vec![bad("-", e.to_string())])?;
+    let mut value: serde_json::Value = built
+        .try_deserialize()
+        .map_err(|e| vec![bad("-", clean_serde_message(&e.to_string()))])?;
+    let mut errors = Vec::new();
+    // Every problem, not only the first: unknown keys found against the
+    // defaults' shape, then each bad value reported and set aside (its
+    // default stands in) until the rest deserializes.
+    for key in unknown_keys(&mut value) {
+        let (section, field) = key.rsplit_once('.').unwrap_or(("", key.as_str()));
+        errors.push(located(&key, unknown_field_message(section, field)));
+    }
+    let mut config = None;
+    for _ in 0..=64 {
+        match serde_path_to_error::deserialize::<_, Config>(&value) {
+            Ok(c) => {
+                config = Some(c);
+                break;
             }
-        } else {
-            bad(key, problem)
+            Err(e) => {
+                let key = e.path().to_string();
+                errors.push(located(
+                    &key,
+                    clean_serde_message(&e.into_inner().to_string()),
+                ));
+                if !remove_path(&mut value, &key) {
+                    break;
+                }
+            }
         }
-    })?;
-    Ok(config)
+    }
+    if let Some(c) = &config {
+        for (key, problem) in validate(c) {
+            // A value already refused stands in as its default: nothing
+            // more to say about it.
+            if !errors.iter().any(|e| e.key == key) {
+                errors.push(located(key, problem));
+            }
+        }
+    }
+    match config {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => {
+            if errors.is_empty() {
+                errors.push(bad("-", "cannot be read as a configuration".into()));
+            }
+            // File order: line, then as found.
+            errors.sort_by_key(|e| problem_line(&e.problem).unwrap_or(usize::MAX));
+            Err(errors)
+        }
+    }
+}
+
+/// The line a problem names (`... (line 7)`).
+fn problem_line(problem: &str) -> Option<usize> {
+    problem
+        .strip_suffix(')')?
+        .rsplit_once("(line ")?
+        .1
+        .parse()
+        .ok()
+}
+
+/// Removes (and returns, dotted) every key the configuration does not
+/// have: the sections and keys of [`Config::default`].
+fn unknown_keys(value: &mut serde_json::Value) -> Vec<String> {
+    let known = serde_json::to_value(Config::default()).unwrap_or_default();
+    let mut unknown = Vec::new();
+    let Some(top) = value.as_object_mut() else {
+        return unknown;
+    };
+    top.retain(|section, body| match known.get(section) {
+        None => {
+            unknown.push(section.clone());
+            false
+        }
+        Some(fields) => {
+            if let Some(body) = body.as_object_mut() {
+                body.retain(|k, _| {
+                    let ok = fields.get(k).is_some();
+                    if !ok {
+                        unknown.push(format!("{section}.{k}"));
+                    }
+                    ok
+                });
+            }
+            true
+        }
+    });
+    unknown
+}
+
+/// What an unknown key is told: the keys its section has, and the one it
+/// is probably a typo of.
+fn unknown_field_message(section: &str, field: &str) -> String {
+    let known = serde_json::to_value(Config::default()).unwrap_or_default();
+    let names: Vec<String> = if section.is_empty() {
+        known
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    } else {
+        known
+            .get(section)
+            .and_then(|o| o.as_object())
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let close = names
+        .iter()
+        .map(|n| (edit_distance(n, field), n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 4))
+        .min();
+    let mut msg = format!(
+        "unknown field `{field}`, expected one of {}",
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some((_, n)) = close {
+        msg.push_str(&format!(" (did you mean `{n}`?)"));
+    }
+    msg
+}
+
+/// Levenshtein distance of two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Removes a dotted key; false when there is nothing there to remove.
+fn remove_path(value: &mut serde_json::Value, key: &str) -> bool {
+    if key == "." || key.is_empty() {
+        return false;
+    }
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut v = value;
+    for p in parts {
+        match v.get_mut(p) {
+            Some(next) => v = next,
+            None => return false,
+        }
+    }
+    v.as_object_mut().is_some_and(|o| o.remove(last).is_some())
+}
+
+/// The line of a dotted key (`sync.page_size`, or a section `deamon`) in
+/// a TOML text, found the simple way: `[section]` headers and `key =`
+/// lines, enough for a config file as people write it.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (section, field) = match key.split_once('.') {
+        Some((s, f)) => (s, Some(f)),
+        None => (key, None),
+    };
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+                .to_string();
+            if field.is_none() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        let k = k.trim().trim_matches('"');
+        let hit = match field {
+            Some(f) => (current == section && k == f) || (current.is_empty() && k == key),
+            None => current.is_empty() && (k == section || k.starts_with(&format!("{section}."))),
+        };
+        if hit {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// The `config` crate appends its own location; keep serde's reason only.
@@ -301,8 +539,9 @@ fn clean_serde_message(msg: &str) -> String {
         .to_string()
 }
 
-/// Checks the values serde cannot: ranges and relations.
-fn validate(c: &Config) -> Result<(), (&'static str, String)> {
+/// Checks the values serde cannot: ranges and relations. Every problem.
+fn validate(c: &Config) -> Vec<(&'static str, String)> {
+    let mut bad = Vec::new();
     let nonzero = [
         ("daemon.shutdown_timeout", c.daemon.shutdown_timeout),
         ("probe.interval", c.probe.interval),
@@ -315,11 +554,11 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     ];
     for (key, d) in nonzero {
         if d.is_zero() {
-            return Err((key, "must be longer than zero".into()));
+            bad.push((key, "must be longer than zero".into()));
         }
     }
     if c.probe.backoff_initial > c.probe.backoff_max {
-        return Err((
+        bad.push((
             "probe.backoff_initial",
             format!(
                 "is longer than probe.backoff_max ({}); make it shorter",
@@ -328,68 +567,68 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
         ));
     }
     if !(1..=10_000).contains(&c.sync.page_size) {
-        return Err((
+        bad.push((
             "sync.page_size",
             "must be between 1 and 10000 (Magento's default cap is 300)".into(),
         ));
     }
     if !(1..=256).contains(&c.sync.max_concurrent_syncs) {
-        return Err((
+        bad.push((
             "sync.max_concurrent_syncs",
             "must be between 1 and 256".into(),
         ));
     }
     if !(1..=16).contains(&c.sync.shop_concurrency) {
-        return Err(("sync.shop_concurrency", "must be between 1 and 16".into()));
+        bad.push(("sync.shop_concurrency", "must be between 1 and 16".into()));
     }
     if !(1..=1000).contains(&c.sync.m1_batch_size) {
-        return Err(("sync.m1_batch_size", "must be between 1 and 1000".into()));
+        bad.push(("sync.m1_batch_size", "must be between 1 and 1000".into()));
     }
     if !(1..=1_000_000).contains(&c.sync.m1_id_range) {
-        return Err(("sync.m1_id_range", "must be between 1 and 1000000".into()));
+        bad.push(("sync.m1_id_range", "must be between 1 and 1000000".into()));
     }
     if !(1..=4096).contains(&c.sync.max_response_mb) {
-        return Err(("sync.max_response_mb", "must be between 1 and 4096".into()));
+        bad.push(("sync.max_response_mb", "must be between 1 and 4096".into()));
     }
     if !(1..=10_000).contains(&c.sync.keep_runs) {
-        return Err(("sync.keep_runs", "must be between 1 and 10000".into()));
+        bad.push(("sync.keep_runs", "must be between 1 and 10000".into()));
     }
     // NaN fails the range check too.
     if !(0.0..=1.0).contains(&c.sync.max_delete_share) {
-        return Err((
+        bad.push((
             "sync.max_delete_share",
             "must be a share between 0 and 1 (0.1: at most 10% of a mirror per run)".into(),
         ));
     }
     if !(1..=4096).contains(&c.daemon.max_connections) {
-        return Err((
+        bad.push((
             "daemon.max_connections",
             "must be between 1 and 4096".into(),
         ));
     }
     if !(1..=65536).contains(&c.daemon.cache_mb) {
-        return Err(("daemon.cache_mb", "must be between 1 and 65536".into()));
+        bad.push(("daemon.cache_mb", "must be between 1 and 65536".into()));
     }
     if c.daemon.state_dir.as_os_str().is_empty() || !c.daemon.state_dir.is_absolute() {
-        return Err(("daemon.state_dir", "must be an absolute path".into()));
+        bad.push(("daemon.state_dir", "must be an absolute path".into()));
     }
     if c.daemon.socket.as_os_str().is_empty() || !c.daemon.socket.is_absolute() {
-        return Err(("daemon.socket", "must be an absolute path".into()));
+        bad.push(("daemon.socket", "must be an absolute path".into()));
     }
     // sun_path is 108 bytes on Linux, including the terminating NUL.
     if c.daemon.socket.as_os_str().len() > 107 {
-        return Err((
+        bad.push((
             "daemon.socket",
             "is longer than the 107 bytes a Unix socket path may have".into(),
         ));
     }
     if let Err(e) = crate::logging::parse_filter(&c.daemon.log_level) {
-        return Err((
+        bad.push((
             "daemon.log_level",
             format!("is not a log filter ({e}); use e.g. \"info\" or \"cobbyd=debug,warn\""),
         ));
     }
-    Ok(())
+    bad
 }
 
 /// Human durations (`"30s"`, `"15m"`, `"1h 30m"`) in and out.
@@ -506,6 +745,47 @@ mod tests {
         }
         let l = load_text("", &[("COBBYD__SYNC__MAX_DELETE_SHARE", "0.5")]).unwrap();
         assert_eq!(l.config.sync.max_delete_share, 0.5);
+    }
+
+    /// `check-config` names every problem, not only the first, each with
+    /// its line, in file order.
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = "[probe]\ninterval = \"soon\"\n\n[sync]\npage_sise = 100\npage_size = 0\nkeep_runs = \"x\"\n[deamon]\nsocket = \"/x\"\n";
+        let e = load_text(text, &[]).unwrap_err();
+        let all: Vec<(&str, &str)> = e
+            .all()
+            .map(|e| (e.key.as_str(), e.problem.as_str()))
+            .collect();
+        assert_eq!(all.len(), 5, "{e}");
+        assert_eq!(all[0].0, "probe.interval", "{e}");
+        assert!(all[0].1.ends_with("(line 2)"), "{e}");
+        assert_eq!(all[1].0, "sync.page_sise", "{e}");
+        assert!(all[1].1.contains("did you mean `page_size`?"), "{e}");
+        assert!(all[1].1.ends_with("(line 5)"), "{e}");
+        assert_eq!(all[2].0, "sync.page_size", "{e}");
+        assert_eq!(all[3].0, "sync.keep_runs", "{e}");
+        assert_eq!(all[4].0, "deamon", "{e}");
+        assert!(all[4].1.contains("did you mean `daemon`?"), "{e}");
+        assert!(all[4].1.ends_with("(line 8)"), "{e}");
+        // One `file: key: problem` line each.
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), 5, "{shown}");
+        assert!(
+            shown.lines().all(|l| l.starts_with(&e.source_name)),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_its_line_and_column() {
+        let e = load_text("[sync]\npage_size = 1\ninterval \"5m\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "-");
+        assert!(
+            e.problem.starts_with("not valid TOML at line 3, column"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains('\n'), "{e}");
     }
 
     #[test]

@@ -21,9 +21,7 @@ pub enum ClientError {
     NoSocket(PathBuf),
     #[error("cobbyd is not running: nothing listens on {0} (a stale socket file)")]
     Refused(PathBuf),
-    #[error(
-        "permission denied on the control socket {0}: {1}; run cobbyd as root or as the daemon's user, or join the socket's group (daemon.socket_group in the config{2}), then log in again"
-    )]
+    #[error("permission denied on the control socket {0}: {1}; {2}")]
     Permission(PathBuf, String, String),
     #[error("control socket {0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -208,19 +206,28 @@ fn permission_error(socket: &Path) -> ClientError {
                 .ok()
                 .flatten()
                 .map_or_else(|| m.gid().to_string(), |g| g.name);
+            let fix = if m.gid() == 0 {
+                // The daemon's fallback when daemon.socket_group does not
+                // exist (it runs as root): joining root is never the fix.
+                "the socket belongs to group root, so the group named by daemon.socket_group in the daemon's config (default cobbyd) probably does not exist: create it (`sudo groupadd --system cobbyd`, or set daemon.socket_group to an existing group), restart the daemon, join that group (`sudo usermod -aG cobbyd $USER`) and log in again; or run the command as root".to_string()
+            } else {
+                format!(
+                    "run the command as root or as the daemon's user, or join the socket's group (daemon.socket_group in the daemon's config): `sudo usermod -aG {group} $USER`, then log in again"
+                )
+            };
             ClientError::Permission(
                 socket.to_path_buf(),
                 format!(
                     "only its owner {user} and members of group {group} may connect (mode {:o})",
                     m.mode() & 0o777
                 ),
-                format!(": `sudo usermod -aG {group} $USER`"),
+                fix,
             )
         }
         Err(_) => ClientError::Permission(
             socket.to_path_buf(),
             "this user cannot reach the socket's directory".into(),
-            String::new(),
+            "run the command as root or as the daemon's user, or pass --socket with a socket you may reach".into(),
         ),
     }
 }

@@ -69,6 +69,7 @@ fn stop_daemon(child: &mut Child) {
 async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     let interactive = !args.non_interactive && std::io::stdout().is_terminal();
     let style = Style::detect();
+    let me = program();
     let platform = args.platform;
     println!(
         "{}",
@@ -184,10 +185,16 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
         return 1;
     }
     println!();
+    // What an operator would type. Without a terminal the demo's directory
+    // is gone when this is read: only the file's name, then.
+    let shown_creds = if interactive {
+        shell_word(&creds_path.display().to_string())
+    } else {
+        creds_name.to_string()
+    };
     println!(
-        "$ cobbyd shop add demo --platform {platform} --url {} --allow-insecure-http --credentials-file {}",
+        "$ {me} shop add demo --platform {platform} --url {} --allow-insecure-http --credentials-file {shown_creds}",
         sim.url(),
-        creds_path.display()
     );
     let table: toml::Table = match creds.parse() {
         Ok(t) => t,
@@ -218,7 +225,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
 
     // 4. Follow the sync.
     println!();
-    let outcome = follow_sync(&client, interactive).await;
+    let outcome = follow_sync(&client, interactive, sim.product_count() as u64).await;
     let Some(last_run) = outcome else {
         eprintln!(
             "cobbyd demo: the sync did not finish; daemon log:\n{}",
@@ -242,7 +249,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
 
     // 5. Status and the first products.
     println!();
-    println!("$ cobbyd status");
+    println!("$ {me} status");
     let status = match client.get("/v1/status").await.and_then(|a| a.json()) {
         Ok(v) => v,
         Err(e) => {
@@ -254,7 +261,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     let healthy = status["shops"][0]["state"] == "healthy";
     println!();
     println!(
-        "$ cobbyd products demo | head -5   (JSONL, exactly as the shop answered; shown trimmed)"
+        "$ {me} products demo | head -5   (each line is a product's JSON as the shop answered; here only its SKU, name and price)"
     );
     let mut export = Vec::new();
     match client
@@ -272,7 +279,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
                         "  {:<28} {:<40} {}",
                         truncate(p["sku"].as_str().unwrap_or("?"), 28),
                         truncate(p["name"].as_str().unwrap_or("?"), 40),
-                        p["price"]
+                        price(&p["price"])
                     );
                 }
             }
@@ -281,31 +288,39 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
         Err(e) => eprintln!("cobbyd demo: export: {e}"),
     }
 
-    // 6. What to try next.
-    let s = socket.display();
+    // 6. What to try next: commands that work as printed (this binary's
+    // own path unless `cobbyd` on PATH is this binary).
     println!();
     if interactive {
+        let s = shell_word(&socket.display().to_string());
         println!(
             "{}",
             style.bold("Try next (in another terminal, while this runs):")
         );
-    } else {
+        println!("  {me} status --socket {s}");
+        println!("  {me} status --json --socket {s}");
+        println!("  {me} products demo --format csv --socket {s} | head");
+        println!("  {me} sync demo --full --wait --socket {s}");
+        println!("  {me} shop test demo --socket {s}");
+        println!("  curl --unix-socket {s} http://localhost/metrics");
         println!(
-            "{}",
-            style.bold("Try next (run `cobbyd demo` in a terminal to keep it running):")
+            "  curl -X POST {}/fault -d '{{\"mode\":\"maintenance\"}}'   # then watch status; mode none to heal",
+            sim.control_url()
+        );
+        println!("  daemon log: {}", shell_word(&log.display().to_string()));
+    } else {
+        // The daemon, the simulator and the directory are gone once this
+        // is read: nothing that points at them.
+        println!("{}", style.bold("Try next:"));
+        println!(
+            "  {me} demo                        # in a terminal: keeps the daemon running and prints commands to try on it"
+        );
+        println!("  {me} demo --platform magento1   # the same with a Magento 1 shop");
+        println!("  {me} --help");
+        println!(
+            "  Your own shop: README.md, \"Your first shop\" (`cargo install --path .` puts cobbyd on PATH)."
         );
     }
-    println!("  cobbyd status --socket {s}");
-    println!("  cobbyd status --json --socket {s}");
-    println!("  cobbyd products demo --format csv --socket {s} | head");
-    println!("  cobbyd sync demo --full --wait --socket {s}");
-    println!("  cobbyd shop test demo --socket {s}");
-    println!("  curl --unix-socket {s} http://localhost/metrics");
-    println!(
-        "  curl -X POST {}/fault -d '{{\"mode\":\"maintenance\"}}'   # then watch status; mode none to heal",
-        sim.control_url()
-    );
-    println!("  daemon log: {}", log.display());
 
     let code = if ok && healthy { 0 } else { 1 };
     if interactive {
@@ -320,7 +335,11 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
 
 /// Polls the status until the first sync ends; a bar on a terminal, a line
 /// per second otherwise. Returns the finished run.
-async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
+///
+/// `catalog` is the simulated catalog's size: the demo's first sync reads
+/// all of it, so it is the bar's total even when the run's own estimate
+/// covers only the part it has listed so far (Magento 1 lists id ranges).
+async fn follow_sync(client: &Client, interactive: bool, catalog: u64) -> Option<Value> {
     let bar = if interactive {
         let b = indicatif::ProgressBar::new(1);
         b.set_style(
@@ -342,7 +361,7 @@ async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
         let p = &sync["progress"];
         if !p.is_null() {
             let done = p["done"].as_u64().unwrap_or(0);
-            let total = p["total"].as_u64().unwrap_or(done).max(done);
+            let total = bar_total(p["total"].as_u64(), catalog, done);
             let msg = format!(
                 "{} products/s, {}",
                 thousands(p["rate_per_s"].as_f64().unwrap_or(0.0) as u64),
@@ -370,6 +389,63 @@ async fn follow_sync(client: &Client, interactive: bool) -> Option<Value> {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The bar's total: never less than the catalog the first sync reads, nor
+/// than what is done.
+fn bar_total(run_total: Option<u64>, catalog: u64, done: u64) -> u64 {
+    run_total.unwrap_or(0).max(catalog).max(done)
+}
+
+/// How the demo names this binary in the commands it prints: `cobbyd`
+/// when that is what PATH finds, else this binary's own path (after
+/// `cargo run`, cobbyd is not on PATH).
+fn program() -> String {
+    let Ok(me) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "cobbyd".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .filter_map(|d| std::fs::canonicalize(d.join("cobbyd")).ok())
+            .next()
+            .is_some_and(|found| found == me)
+    });
+    if on_path {
+        "cobbyd".into()
+    } else {
+        shell_word(&me.display().to_string())
+    }
+}
+
+/// A path as one shell word: quoted when it holds anything but the
+/// characters paths usually have.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// A price as people read it: Magento 1 sends a decimal string
+/// (`"942.2900"`), Magento 2 a number; both print as `942.29`.
+fn price(v: &Value) -> String {
+    let n = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n.is_finite() => format!("{n:.2}"),
+        _ => match v {
+            Value::String(s) => truncate(s, 12),
+            Value::Null => "-".into(),
+            other => truncate(&other.to_string(), 12),
+        },
     }
 }
 
@@ -410,5 +486,37 @@ async fn wait_for_stop() -> std::io::Result<()> {
     tokio::select! {
         r = tokio::signal::ctrl_c() => r,
         _ = term.recv() => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_print_as_numbers() {
+        assert_eq!(price(&json!("942.2900")), "942.29");
+        assert_eq!(price(&json!(12.5)), "12.50");
+        assert_eq!(price(&json!(null)), "-");
+        assert_eq!(price(&json!("n/a")), "n/a");
+    }
+
+    #[test]
+    fn the_bar_counts_the_whole_catalog() {
+        // A Magento 1 run estimates only the ids listed so far.
+        assert_eq!(bar_total(Some(979), 5000, 979), 5000);
+        assert_eq!(bar_total(None, 5000, 10), 5000);
+        assert_eq!(bar_total(Some(5000), 5000, 5000), 5000);
+        assert_eq!(bar_total(Some(10), 5, 20), 20);
+    }
+
+    #[test]
+    fn paths_become_one_shell_word() {
+        assert_eq!(
+            shell_word("/tmp/cobbyd-demo-x/cobbyd.sock"),
+            "/tmp/cobbyd-demo-x/cobbyd.sock"
+        );
+        assert_eq!(shell_word("/home/a b/cobbyd"), "'/home/a b/cobbyd'");
+        assert_eq!(shell_word("/it's"), r"'/it'\''s'");
     }
 }

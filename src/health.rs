@@ -171,8 +171,51 @@ pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
 
 /// The hint for a shop: bearer-token shops that are refused get the bearer
 /// setting named, since that is the usual cause (off by default since 2.4.4).
+/// A URL into the admin panel gets the base URL to use instead.
 pub fn hint_for(kind: FailureKind, shop: &crate::shop::ShopRecord) -> String {
-    hint_for_auth(kind, shop.platform, shop.auth)
+    let base = hint_for_auth(kind, shop.platform, shop.auth);
+    match crate::shop::admin_base(&shop.url) {
+        Some(to) if matches!(kind, FailureKind::HttpStatus | FailureKind::NotApi) => format!(
+            "The shop URL {} points into the admin panel: use the shop's base URL, without /admin ({to}). {base}",
+            shop.url
+        ),
+        _ => base,
+    }
+}
+
+/// What the person was doing when a connection test failed: the hint then
+/// tells them what to do next, not to run the command they just ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doing {
+    /// `shop add`: nothing was saved.
+    Adding,
+    /// `shop rotate`: the old credentials stay in use.
+    Rotating,
+}
+
+/// [`hint_for`] for a failed `shop add` or `shop rotate`: the advice to
+/// run `cobbyd shop rotate` gives way to what fits.
+pub fn hint_while(kind: FailureKind, shop: &crate::shop::ShopRecord, doing: Doing) -> String {
+    let hint = hint_for(kind, shop);
+    let mut out = hint
+        .replace(
+            ", or re-activate it and run `cobbyd shop rotate`.",
+            ", or re-activate it.",
+        )
+        .replace(" and run `cobbyd shop rotate`.", ".")
+        .replace(" (fix it with `cobbyd shop rotate`)", "")
+        .replace(", then `cobbyd shop rotate` if the tokens changed.", ".");
+    if out != hint {
+        out.push_str(match doing {
+            Doing::Adding => {
+                " Nothing was saved: correct the credentials file (or the shop), then run the same `cobbyd shop add` again."
+            }
+            Doing::Rotating => {
+                " The old credentials stay in use: the shop refused the new ones, so check the values in the new credentials file against the shop (or fix the shop) and try the rotation again."
+            }
+        });
+    }
+    out
 }
 
 /// [`hint_for`] without a shop record: the hint for a platform and auth mode.
@@ -239,6 +282,65 @@ pub fn retry_delay(err: &ShopError, attempts: u32, initial: Duration, max: Durat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(platform: Platform, auth: AuthMode, url: &str) -> crate::shop::ShopRecord {
+        crate::shop::ShopRecord {
+            name: "acme".into(),
+            platform,
+            url: url.into(),
+            store_codes: vec!["default".into()],
+            auth,
+            credentials: crate::shop::Credentials::M2Bearer {
+                access_token: crate::secret::Secret::new("abcdefghijklmnop"),
+            },
+            allow_insecure_http: false,
+            tls_ca_file: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    /// A failed `shop add` or `shop rotate` is never told to run `shop
+    /// rotate` as if nothing had been tried; what to do instead is said.
+    #[test]
+    fn hints_fit_what_is_being_done() {
+        for kind in FailureKind::ALL {
+            for platform in [Platform::Magento1, Platform::Magento2] {
+                for auth in [AuthMode::Oauth, AuthMode::Bearer] {
+                    let rec = record(platform, auth, "https://shop.example");
+                    let plain = hint_for(kind, &rec);
+                    let adding = hint_while(kind, &rec, Doing::Adding);
+                    let rotating = hint_while(kind, &rec, Doing::Rotating);
+                    assert!(!adding.contains("shop rotate"), "{kind:?}: {adding}");
+                    assert!(!rotating.contains("shop rotate"), "{kind:?}: {rotating}");
+                    if plain.contains("shop rotate") {
+                        assert!(adding.contains("Nothing was saved"), "{adding}");
+                        assert!(rotating.contains("old credentials stay"), "{rotating}");
+                    } else {
+                        assert_eq!(adding, plain);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_admin_url_is_told_to_drop_admin() {
+        let rec = record(
+            Platform::Magento2,
+            AuthMode::Oauth,
+            "https://shop.example/admin",
+        );
+        let h = hint_for(FailureKind::HttpStatus, &rec);
+        assert!(h.contains("without /admin (https://shop.example)"), "{h}");
+        let rec = record(
+            Platform::Magento1,
+            AuthMode::Oauth,
+            "https://old.example/index.php/admin",
+        );
+        assert!(hint_for(FailureKind::NotApi, &rec).contains("without /admin"));
+        assert!(!hint_for(FailureKind::Timeout, &rec).contains("/admin"));
+    }
 
     #[test]
     fn states() {

@@ -25,13 +25,13 @@ fn quiet_sigpipe() {
 fn dispatch(cli: Cli) -> u8 {
     if !matches!(
         cli.command,
-        Command::Run | Command::Demo(_) | Command::Simulate(_)
+        Command::Run(_) | Command::Demo(_) | Command::Simulate(_)
     ) {
         quiet_sigpipe();
     }
     match cli.command {
-        Command::Run => daemon::run(cli.config),
-        Command::CheckConfig => match config::load(cli.config.as_deref()) {
+        Command::Run(_) => daemon::run(cli.config),
+        Command::CheckConfig(_) => match config::load(cli.config.as_deref()) {
             Ok(l) => {
                 match &l.path {
                     Some(p) => println!("{}: OK", p.display()),
@@ -48,7 +48,7 @@ fn dispatch(cli: Cli) -> u8 {
             }
         },
         Command::CheckState(a) => cobbyd::check::run(cli.config.as_deref(), a.json),
-        Command::Manpage => {
+        Command::Manpage(_) => {
             let man = clap_mangen::Man::new(Cli::command()).date(man_date());
             let mut out = std::io::stdout();
             match man.render(&mut out) {
@@ -60,16 +60,16 @@ fn dispatch(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Completions { shell } => {
+        Command::Completions { shell, .. } => {
             clap_complete::generate(shell, &mut Cli::command(), "cobbyd", &mut std::io::stdout());
             0
         }
         Command::Demo(args) => cobbyd::demo::run(args),
-        Command::Simulate(args) => {
+        Command::Simulate(s) => {
             cobbyd::logging::init_client();
             match tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(args)))
+                .and_then(|rt| rt.block_on(cobbyd::sim::run_simulate(s.args)))
             {
                 Ok(()) => 0,
                 Err(e) => {

@@ -238,6 +238,29 @@ impl Queue {
         Ok(job)
     }
 
+    /// Moves the pending (shop, kind) job to `due_ms` if it is due later.
+    /// Never creates a job: a shop being removed (its jobs gone, under the
+    /// same lock) gets none back. Returns whether it moved.
+    pub fn advance(&self, shop: &str, kind: JobKind, due_ms: u64) -> Result<bool, StoreError> {
+        let mut index = self.index();
+        let key = (shop.to_string(), kind);
+        let Some(existing) = index.get(&key) else {
+            return Ok(false);
+        };
+        if existing.due_ms <= due_ms {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.remove(&existing.pending_key());
+        let (job, value) = self.new_job(shop, kind, due_ms)?;
+        batch.insert(&job.pending_key(), value);
+        self.store.queue().apply_batch(batch)?;
+        index.insert(key, job);
+        drop(index);
+        self.wake.notify_one();
+        Ok(true)
+    }
+
     /// [`Queue::schedule_at`], replacing any pending time.
     pub fn schedule(&self, shop: &str, kind: JobKind, due_ms: u64) -> Result<Job, StoreError> {
         self.schedule_at(shop, kind, due_ms, false)
@@ -465,6 +488,17 @@ mod tests {
         assert_eq!(q.depth(), 2, "rescheduling moves, never duplicates");
         q.schedule_at("a", JobKind::Probe, 5000, true).unwrap();
         assert_eq!(q.pending("a", JobKind::Probe).unwrap().due_ms, 3000);
+        assert!(
+            !q.advance("a", JobKind::Probe, 4000).unwrap(),
+            "only earlier"
+        );
+        assert!(q.advance("a", JobKind::Probe, 2500).unwrap());
+        assert_eq!(q.pending("a", JobKind::Probe).unwrap().due_ms, 2500);
+        assert!(
+            !q.advance("a", JobKind::FullSync, 0).unwrap(),
+            "never creates"
+        );
+        assert!(q.pending("a", JobKind::FullSync).is_none());
         assert!(q.lease_due(500).unwrap().is_none());
         let j = q.lease_due(10_000).unwrap().unwrap();
         assert_eq!(j.kind, JobKind::Sync);

@@ -1,4 +1,4 @@
-//! The control API's routes (DESIGN.md "Control socket"). JSON in and out;
+//! The control API's routes (documented in docs/control-api.md). JSON in and out;
 //! errors as `{"error": {"kind": ..., "message": ...}}`. Request bodies are
 //! capped at 64 KiB and must arrive within 10 s.
 
@@ -39,12 +39,17 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/shops/{name}/credentials", put(rotate))
         .route("/v1/shops/{name}/sync", post(start_sync))
         .route("/v1/shops/{name}/runs", get(runs))
-        .route("/v1/shops/{name}/products", get(products))
+        .route("/v1/shops/{name}/runs/{id}", get(run_by_id))
+        .route("/v1/shops/{name}/requests/{id}", get(request_by_id))
+        .route(
+            "/v1/shops/{name}/products",
+            get(products).delete(purge_retained),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see DESIGN.md for the API",
+                "no such route; docs/control-api.md lists the API",
             )
         })
         .layer(axum::middleware::map_response(json_errors))
@@ -78,7 +83,7 @@ async fn json_errors(resp: Response) -> Response {
     let (kind, fallback) = match status {
         StatusCode::METHOD_NOT_ALLOWED => (
             "method_not_allowed",
-            "this route does not take that method; see DESIGN.md for the API",
+            "this route does not take that method; docs/control-api.md lists the API",
         ),
         StatusCode::NOT_FOUND => ("not_found", "not found"),
         StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request too large"),
@@ -340,7 +345,26 @@ async fn status(State(d): D, Query(q): Query<StatusQuery>) -> ApiResult {
     ok_json(StatusCode::OK, v)
 }
 
-async fn list_shops(State(d): D) -> ApiResult {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    retained: bool,
+}
+
+async fn list_shops(State(d): D, Query(q): Query<ListQuery>) -> ApiResult {
+    if q.retained {
+        let mut retained = Vec::new();
+        for (name, codes) in retained_mirrors(&d)? {
+            let mut stores = Vec::new();
+            for code in codes {
+                let mirror = crate::mirror::Mirror::open(&d.store, &name, &code)?;
+                stores.push(json!({"store_code": code, "products": mirror.recount()}));
+            }
+            retained.push(json!({"name": name, "stores": stores}));
+        }
+        return ok_json(StatusCode::OK, json!({ "retained": retained }));
+    }
     let shops: Vec<Value> = d
         .registry
         .list()
@@ -348,6 +372,79 @@ async fn list_shops(State(d): D) -> ApiResult {
         .map(ShopRecord::public_json)
         .collect();
     ok_json(StatusCode::OK, json!({ "shops": shops }))
+}
+
+/// The mirrors `shop remove` without `--purge` kept: the store views of
+/// every shop that has mirror trees but is neither registered nor being
+/// removed, by name, their store codes sorted.
+fn retained_mirrors(d: &Daemon) -> Result<Vec<(String, Vec<String>)>, ApiError> {
+    let removing: Vec<String> = d
+        .store
+        .pending_removals()?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut by_shop: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (shop, code) in d.store.mirror_views() {
+        if d.registry.get(&shop).is_none() && !removing.contains(&shop) {
+            by_shop.entry(shop).or_default().push(code);
+        }
+    }
+    Ok(by_shop
+        .into_iter()
+        .map(|(shop, mut codes)| {
+            codes.sort();
+            (shop, codes)
+        })
+        .collect())
+}
+
+/// The store codes of a retained mirror, or `None` when there is none.
+fn retained(d: &Daemon, name: &str) -> Result<Option<Vec<String>>, ApiError> {
+    Ok(retained_mirrors(d)?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, codes)| codes))
+}
+
+/// Drops a retained mirror the way `shop remove --purge` drops a
+/// registered shop's: one transaction takes its checkpoints and sets the
+/// removal marker (`Queue::unregister`, which finds nothing else of a
+/// removed shop), then the trees go (`Store::finish_removal`); a crash in
+/// between is finished at the next start.
+async fn purge_mirror(d: &Daemon, name: &str) -> Result<(), ApiError> {
+    d.queue.unregister(name, true)?;
+    d.store.finish_removal(name, true)?;
+    d.store.flush().await?;
+    tracing::info!(shop = %name, "retained mirror purged");
+    Ok(())
+}
+
+/// `shop purge NAME`: drops the mirror a removal without `--purge` kept.
+async fn purge_retained(State(d): D, Path(name): Path<String>) -> ApiResult {
+    refuse_while_stopping(&d)?;
+    shop::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let _guard = d.admin.lock().await;
+    if d.registry.get(&name).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "registered",
+            format!(
+                "{name} is a registered shop, not a kept mirror: `cobbyd shop remove {name} --purge` removes it with its products"
+            ),
+        ));
+    }
+    if retained(&d, &name)?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no kept mirror named {name:?}; `cobbyd shop list --retained` shows the mirrors removed shops left"
+            ),
+        ));
+    }
+    purge_mirror(&d, &name).await?;
+    ok_json(StatusCode::OK, json!({"purged": name}))
 }
 
 async fn show_shop(State(d): D, Path(name): Path<String>) -> ApiResult {
@@ -381,12 +478,17 @@ struct AddShop {
     tls_ca_file: Option<std::path::PathBuf>,
 }
 
-/// The probe's diagnosis as error details.
-fn diagnosis(err: &crate::magento::ShopError, shop: &ShopRecord) -> Value {
+/// The probe's diagnosis as error details, its hint fitting what was
+/// being done.
+fn diagnosis(
+    err: &crate::magento::ShopError,
+    shop: &ShopRecord,
+    doing: crate::health::Doing,
+) -> Value {
     json!({
         "kind": err.kind,
         "message": err.message,
-        "hint": crate::health::hint_for(err.kind, shop),
+        "hint": crate::health::hint_while(err.kind, shop, doing),
         "http_status": err.status,
     })
 }
@@ -468,7 +570,7 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
             "shop_failed",
             format!("the connection test failed, nothing was saved: {e}"),
         );
-        err.details = Some(diagnosis(e, &rec));
+        err.details = Some(diagnosis(e, &rec, crate::health::Doing::Adding));
         return Err(err);
     }
     // The record and its jobs in one transaction: a crash never leaves a
@@ -524,6 +626,24 @@ async fn remove_shop(
     refuse_while_stopping(&d)?;
     let _guard = d.admin.lock().await;
     if d.registry.get(&name).is_none() {
+        // A shop removed before without --purge: --purge now drops what
+        // was kept.
+        if retained(&d, &name)?.is_some() {
+            if q.purge {
+                purge_mirror(&d, &name).await?;
+                return ok_json(
+                    StatusCode::OK,
+                    json!({"removed": name, "purged": true, "jobs_removed": 0, "was_retained": true}),
+                );
+            }
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "{name} was removed already; its products were kept: `cobbyd shop purge {name}` drops them"
+                ),
+            ));
+        }
         return Err(ApiError::no_shop(&name));
     }
     // Forgotten in memory first, so that nothing new starts for the shop;
@@ -611,7 +731,7 @@ async fn rotate(State(d): D, Path(name): Path<String>, req: Request) -> ApiResul
                 "the new credentials failed the connection test; the old ones stay in use: {e}"
             ),
         );
-        err.details = Some(diagnosis(e, &rec));
+        err.details = Some(diagnosis(e, &rec, crate::health::Doing::Rotating));
         return Err(err);
     }
     // One sled insert replaces the record: readers see old or new, never a mix.
@@ -673,20 +793,106 @@ async fn start_sync(State(d): D, Path(name): Path<String>, req: Request) -> ApiR
         d.syncs.allow_mass_delete(&rec.name);
     }
     let requested_at = crate::probe::rfc3339(chrono::Utc::now());
-    let job = d.queue.schedule_at(&rec.name, kind, now_ms(), true)?;
+    let request_id = d.store.next_request_id()?;
+    let placed = d
+        .syncs
+        .add_request(
+            &rec.name,
+            crate::sync::SyncRequest {
+                request_id,
+                kind: kind.as_str(),
+                requested_at: requested_at.clone(),
+            },
+        )
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!(
+                    "{name} has {} sync requests waiting already; they are all answered by its next run",
+                    crate::sync::MAX_PENDING_REQUESTS
+                ),
+            )
+        })?;
+    let (job, run_id) = match placed {
+        crate::sync::Placed::Queued => (
+            Some(d.queue.schedule_at(&rec.name, kind, now_ms(), true)?.seq),
+            None,
+        ),
+        crate::sync::Placed::Running(run) => (None, Some(run)),
+    };
     d.store.flush().await?;
+    let state = if run_id.is_some() {
+        "running"
+    } else {
+        "queued"
+    };
     ok_json(
         StatusCode::ACCEPTED,
-        json!({"shop": name, "kind": kind.as_str(), "job": job.seq, "requested_at": requested_at, "requested_at_ms": now_ms()}),
+        json!({
+            "shop": name, "kind": kind.as_str(), "request_id": request_id, "state": state,
+            "run_id": run_id, "job": job, "requested_at": requested_at, "requested_at_ms": now_ms(),
+            "request_url": format!("/v1/shops/{}/requests/{request_id}", crate::magento::oauth::encode(&name)),
+        }),
     )
 }
 
-async fn runs(State(d): D, Path(name): Path<String>) -> ApiResult {
+#[derive(Deserialize)]
+struct RunsQuery {
+    /// A sync request id: answer where that request stands instead.
+    request: Option<u64>,
+}
+
+async fn runs(State(d): D, Path(name): Path<String>, Query(q): Query<RunsQuery>) -> ApiResult {
     if d.registry.get(&name).is_none() {
         return Err(ApiError::no_shop(&name));
     }
+    if let Some(id) = q.request {
+        return request_state(&d, &name, id);
+    }
     let runs = crate::sync::recent_runs(&d.store, &name, 100)?;
-    ok_json(StatusCode::OK, json!({ "runs": runs }))
+    let running = d.syncs.running_json(&name);
+    ok_json(StatusCode::OK, json!({ "runs": runs, "running": running }))
+}
+
+fn request_state(d: &Daemon, name: &str, id: u64) -> ApiResult {
+    match d.syncs.request_json(&d.store, name, id) {
+        Some(mut v) => {
+            // Whether a queued request can run at all.
+            v["shop_state"] = json!(d.health.get(name).state);
+            ok_json(StatusCode::OK, v)
+        }
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no sync request {id} for {name}: not waiting, and no kept run answers it (a request not yet run when the daemon restarted is forgotten; ask again with `cobbyd sync {name}`)"
+            ),
+        )),
+    }
+}
+
+async fn request_by_id(State(d): D, Path((name, id)): Path<(String, u64)>) -> ApiResult {
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    request_state(&d, &name, id)
+}
+
+async fn run_by_id(State(d): D, Path((name, id)): Path<(String, u64)>) -> ApiResult {
+    if d.registry.get(&name).is_none() {
+        return Err(ApiError::no_shop(&name));
+    }
+    match d.syncs.run_json(&d.store, &name, id) {
+        Some(v) => ok_json(StatusCode::OK, v),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no run {id} of {name}: not running and not among the kept runs (`sync.keep_runs`)"
+            ),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -702,10 +908,22 @@ async fn products(
     Path(name): Path<String>,
     Query(q): Query<ProductsQuery>,
 ) -> ApiResult {
-    let rec = d
-        .registry
-        .get(&name)
-        .ok_or_else(|| ApiError::no_shop(&name))?;
+    // A registered shop's store views, or those of the mirror a removal
+    // without --purge kept.
+    let store_codes = match d.registry.get(&name) {
+        Some(rec) => rec.store_codes,
+        None => match retained(&d, &name)? {
+            Some(mut codes) => {
+                // The view a shop mirrors when none is given comes first.
+                if let Some(i) = codes.iter().position(|c| c == "default") {
+                    let c = codes.remove(i);
+                    codes.insert(0, c);
+                }
+                codes
+            }
+            None => return Err(ApiError::no_shop(&name)),
+        },
+    };
     let format = match q.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => crate::export::Format::Jsonl,
         "csv" => crate::export::Format::Csv,
@@ -716,15 +934,14 @@ async fn products(
         }
     };
     let store_code = match q.store_code {
-        Some(c) if rec.store_codes.contains(&c) => c,
+        Some(c) if store_codes.contains(&c) => c,
         Some(c) => {
             return Err(ApiError::invalid(format!(
                 "store_code {c:?} is not mirrored for {name}; it has {}",
-                rec.store_codes.join(", ")
+                store_codes.join(", ")
             )));
         }
-        None => rec
-            .store_codes
+        None => store_codes
             .first()
             .cloned()
             .unwrap_or_else(|| "default".into()),

@@ -95,12 +95,33 @@ pub async fn run_probe(daemon: &Daemon, job: &Job) {
         return;
     };
     let delay = probe_now(daemon, &rec).await;
+    first_sync_when_healthy(daemon, &rec);
     let next = now_ms() + delay.as_millis() as u64;
     if let Err(e) = daemon.queue.complete(job, Some(next)) {
         tracing::error!(shop = %job.shop, "queue: {e}");
     }
     if let Err(e) = daemon.store.flush().await {
         tracing::error!("flush: {e}");
+    }
+}
+
+/// A shop that was never synced (added with `--no-verify`, or unreachable
+/// when it was added, also across restarts) gets its first sync as soon as
+/// a probe finds it healthy, not at its slot of `sync.interval` (a shop
+/// that merely answers some requests waits: a first sync that fails
+/// would only be retried).
+fn first_sync_when_healthy(daemon: &Daemon, rec: &crate::shop::ShopRecord) {
+    if daemon.health.get(&rec.name).state != crate::health::ShopState::Healthy
+        || !crate::sync::never_synced(daemon, rec)
+    {
+        return;
+    }
+    match daemon.queue.advance(&rec.name, JobKind::Sync, now_ms()) {
+        Ok(true) => {
+            tracing::info!(shop = %rec.name, "the shop answers and was never synced: its first sync starts now")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(shop = %rec.name, "queue: {e}"),
     }
 }
 

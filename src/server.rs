@@ -50,6 +50,10 @@ pub enum BindError {
         dir: PathBuf,
         mode: u32,
     },
+    #[error(
+        "control socket {0}: permission denied for this user: set daemon.socket in a config file of your own (cobbyd run --config FILE) to a path you may create, and pass the same --config (or --socket) to the client commands; or run cobbyd as root"
+    )]
+    Denied(PathBuf),
     #[error("control socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -62,9 +66,15 @@ pub enum BindError {
 /// replaced; anything else at the path stops start-up, and so does a
 /// directory that everyone may write without the sticky bit.
 pub fn bind(path: &Path, group: &str) -> Result<UnixListener, BindError> {
-    let io = |source| BindError::Io {
-        path: path.to_path_buf(),
-        source,
+    let io = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            BindError::Denied(path.to_path_buf())
+        } else {
+            BindError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
     };
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
@@ -97,7 +107,7 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, BindError> {
         }
         Ok(None) => tracing::warn!(
             group,
-            "daemon.socket_group does not exist; the socket stays with the daemon's group"
+            "daemon.socket_group {group:?} does not exist; the socket stays with the daemon's group (only the daemon's user may use it): create the group (`groupadd --system {group}`) and restart cobbyd, or set daemon.socket_group to an existing group"
         ),
         Err(e) => tracing::warn!(group, error = %e, "cannot look up daemon.socket_group"),
     }

@@ -12,7 +12,9 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Platform {
+    /// Magento 1.x, over its XML-RPC API (an API user and key).
     Magento1,
+    /// Magento 2.x, over its REST API (an integration's OAuth keys or token).
     Magento2,
 }
 
@@ -135,15 +137,28 @@ impl Credentials {
         const MAX: usize = 16 * 1024;
         if text.len() > MAX {
             return Err(ValidationError::new(
-                "credentials",
-                format!(
-                    "the credentials file is {} bytes; at most {MAX} are read",
-                    text.len()
-                ),
+                "size",
+                format!("{} bytes; at most {MAX} are read", text.len()),
             ));
         }
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ValidationError::new("credentials", format!("not valid TOML: {}", e.message()))
+            // The place, as `line L, column C`, stands where a key would.
+            let at = e.span().map_or_else(
+                || "toml".to_string(),
+                |span| {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+                    format!("line {line}, column {column}")
+                },
+            );
+            ValidationError::new(
+                at,
+                format!(
+                    "not valid TOML: {} (each line is key = \"value\")",
+                    e.message().trim()
+                ),
+            )
         })?;
         Self::from_table(&table, platform, auth)
     }
@@ -202,6 +217,17 @@ impl Credentials {
             },
         })
     }
+}
+
+/// The line of a key in a credentials file (`key = "..."` at the top
+/// level), to point at it in an error.
+pub fn credential_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        })
+        .map(|i| i + 1)
 }
 
 /// Refuses empty values and values with leading/trailing white space.
@@ -264,6 +290,15 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 /// without a trailing slash.
 pub fn validate_url(raw: &str) -> Result<String, ValidationError> {
     check_value("url", raw)?;
+    if !raw.contains("://") {
+        return Err(ValidationError::new(
+            "url",
+            format!(
+                "has no scheme: write the whole base URL, e.g. https://{}",
+                raw.trim_start_matches('/')
+            ),
+        ));
+    }
     let url = url::Url::parse(raw)
         .map_err(|e| ValidationError::new("url", format!("not a valid URL ({e})")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
@@ -291,6 +326,28 @@ pub fn validate_url(raw: &str) -> Result<String, ValidationError> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// For a URL that points into the admin panel (`…/admin`, Magento 1's
+/// `…/index.php/admin/…`, Magento 2's `…/admin_xyz`): the base URL to
+/// register instead. `None` for an ordinary URL.
+pub fn admin_base(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let segments: Vec<&str> = parsed.path_segments()?.collect();
+    let at = segments.iter().position(|s| {
+        let s = s.to_ascii_lowercase();
+        s == "admin" || s == "adminhtml" || s.starts_with("admin_")
+    })?;
+    let mut keep: Vec<&str> = segments[..at].to_vec();
+    if keep
+        .last()
+        .is_some_and(|s| s.eq_ignore_ascii_case("index.php"))
+    {
+        keep.pop();
+    }
+    let mut base = parsed.clone();
+    base.set_path(&keep.join("/"));
+    Some(base.as_str().trim_end_matches('/').to_string())
 }
 
 /// Checks a store code: Magento's codes are `[a-z0-9_]`, starting with a letter.
@@ -448,6 +505,28 @@ mod tests {
         assert!(validate_url("ftp://x").is_err());
         assert!(validate_url("https://u:p@x").is_err());
         assert!(validate_url(" https://x").is_err());
+        let e = validate_url("shop.example.com").unwrap_err();
+        assert!(e.problem.contains("e.g. https://shop.example.com"), "{e}");
+        let e = validate_url("localhost:8080/shop").unwrap_err();
+        assert!(e.problem.contains("https://localhost:8080/shop"), "{e}");
+    }
+
+    #[test]
+    fn admin_urls_are_recognised() {
+        assert_eq!(
+            admin_base("https://shop.example/admin").as_deref(),
+            Some("https://shop.example")
+        );
+        assert_eq!(
+            admin_base("https://old.example/shop/index.php/admin/dashboard").as_deref(),
+            Some("https://old.example/shop")
+        );
+        assert_eq!(
+            admin_base("https://shop.example/admin_1x2y").as_deref(),
+            Some("https://shop.example")
+        );
+        assert_eq!(admin_base("https://shop.example"), None);
+        assert_eq!(admin_base("https://shop.example/administration-shop"), None);
     }
 
     #[test]
@@ -493,6 +572,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(format!("{ok:?}"), r#"{"access_token":"****mnop"}"#);
+        assert_eq!(credential_line(text, "api_key"), Some(2));
+        assert_eq!(credential_line(text, "consumer_key"), None);
+        // A syntax error says where, once.
+        let err = Credentials::parse_toml(
+            "api_user = \"a\"\napi_key: \"b\"\n",
+            Platform::Magento1,
+            AuthMode::Oauth,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "line 2, column 8", "{err}");
+        assert!(err.problem.starts_with("not valid TOML: "), "{err}");
+        assert!(!err.to_string().contains("credentials"), "{err}");
         assert!(
             Credentials::parse_toml(
                 "access_token = \"a\"\nx = \"y\"",

@@ -42,6 +42,10 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "state directory {dir}: permission denied for this user: set daemon.state_dir in a config file of your own (cobbyd run --config FILE) to a directory you may write, or run cobbyd as root or as the user that owns {dir}"
+    )]
+    Denied { dir: PathBuf },
     #[error("state directory {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -224,9 +228,17 @@ impl Store {
     }
 
     fn open_with(dir: &Path, cache_mb: u64, upgrade: bool) -> Result<Store, StoreError> {
-        let io = |source| StoreError::Io {
-            dir: dir.to_path_buf(),
-            source,
+        let io = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                StoreError::Denied {
+                    dir: dir.to_path_buf(),
+                }
+            } else {
+                StoreError::Io {
+                    dir: dir.to_path_buf(),
+                    source,
+                }
+            }
         };
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -512,7 +524,18 @@ impl Store {
     /// reused if nothing that recorded it reached the disk either (sled
     /// recovers writes in order).
     pub fn next_run_id(&self) -> Result<u64, StoreError> {
-        let next = self.inner.meta.update_and_fetch(b"run_seq", |old| {
+        self.next_seq("run_seq")
+    }
+
+    /// The next sync request id (`meta.request_seq`), like
+    /// [`Store::next_run_id`]: never reused, so a client's id cannot name
+    /// someone else's request after a restart.
+    pub fn next_request_id(&self) -> Result<u64, StoreError> {
+        self.next_seq("request_seq")
+    }
+
+    fn next_seq(&self, key: &str) -> Result<u64, StoreError> {
+        let next = self.inner.meta.update_and_fetch(key.as_bytes(), |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_be_bytes);
@@ -520,7 +543,7 @@ impl Store {
         })?;
         next.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_be_bytes)
-            .ok_or_else(|| StoreError::Corrupt("meta.run_seq is not 8 bytes".into()))
+            .ok_or_else(|| StoreError::Corrupt(format!("meta.{key} is not 8 bytes")))
     }
 
     /// The disk trouble that stopped writes, if any.

@@ -85,8 +85,60 @@ pub struct Progress {
     pub rate_per_s: f64,
     pub eta_s: Option<u64>,
     pub percent: Option<f64>,
+    /// The sync requests this run answers.
+    pub sync_requests: Vec<u64>,
     #[serde(skip)]
     started: Option<Instant>,
+}
+
+/// A sync asked for through the control API (`POST /v1/shops/{name}/sync`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncRequest {
+    pub request_id: u64,
+    /// `sync` or `full_sync`: what was asked for.
+    pub kind: &'static str,
+    pub requested_at: String,
+}
+
+impl SyncRequest {
+    fn full(&self) -> bool {
+        self.kind == "full_sync"
+    }
+}
+
+/// Requests of one shop kept in memory: pending until a run claims them,
+/// then the running run's, then answered (the run record lists them too, so
+/// a request stays findable after a restart as long as its run is kept).
+#[derive(Default)]
+struct Requests {
+    pending: Vec<SyncRequest>,
+    running: Option<Running>,
+    /// Newest last, at most [`ANSWERED_KEPT`].
+    answered: std::collections::VecDeque<(SyncRequest, u64)>,
+}
+
+struct Running {
+    run_id: u64,
+    /// The shop's first sync (no store view had a checkpoint).
+    first: bool,
+    requests: Vec<SyncRequest>,
+}
+
+/// Pending requests per shop: all pending ones of a kind are answered by
+/// the same run, so more only means a client asking in a loop.
+pub const MAX_PENDING_REQUESTS: usize = 256;
+/// Answered requests remembered per shop (older ones are found through the
+/// run records).
+const ANSWERED_KEPT: usize = 64;
+
+/// Where a new request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Waits for the next run of its kind (or a full one): schedule it.
+    Queued,
+    /// An incremental request while the shop's first sync runs: that run
+    /// reads the whole catalog and answers it; nothing to schedule.
+    Running(u64),
 }
 
 /// A finished run, as kept in the `runs` tree.
@@ -114,6 +166,9 @@ pub struct RunRecord {
     pub item_errors: u64,
     pub last_item_error: Option<String>,
     pub error: Option<Value>,
+    /// The sync requests this run answers (`POST /v1/shops/{name}/sync`).
+    #[serde(default)]
+    pub sync_requests: Vec<u64>,
 }
 
 /// Per-shop sync state.
@@ -133,6 +188,7 @@ struct ShopSync {
     /// Requests in flight against the shop (kept across runs: what the
     /// shop's backpressure taught still holds for the next run).
     limiter: limiter::ShopLimiter,
+    requests: Mutex<Requests>,
 }
 
 /// Owns the concurrency limits and the visible state of all syncs.
@@ -197,6 +253,7 @@ impl SyncManager {
                     limiter: limiter::ShopLimiter::new(
                         self.shop_concurrency.load(Ordering::Relaxed),
                     ),
+                    requests: Mutex::new(Requests::default()),
                 })
             })
             .clone()
@@ -256,6 +313,133 @@ impl SyncManager {
             .get(name)
             .cloned()?;
         s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a sync request. A full request waits for the next full run;
+    /// an incremental one for the next run of either kind, or is answered
+    /// by the shop's first sync if that is running (it reads everything).
+    /// `None`: too many pending already.
+    pub fn add_request(&self, name: &str, req: SyncRequest) -> Option<Placed> {
+        let s = self.shop(name);
+        let mut r = s.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if !req.full()
+            && let Some(run) = r.running.as_mut()
+            && run.first
+        {
+            let id = run.run_id;
+            run.requests.push(req.clone());
+            drop(r);
+            if let Some(p) = s
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                p.sync_requests.push(req.request_id);
+            }
+            return Some(Placed::Running(id));
+        }
+        if r.pending.len() >= MAX_PENDING_REQUESTS {
+            return None;
+        }
+        r.pending.push(req);
+        Some(Placed::Queued)
+    }
+
+    /// Where a request stands: `queued`, `running` (with the run's
+    /// progress) or `done` (with its run record). `None`: unknown here.
+    pub fn request_json(&self, store: &Store, name: &str, id: u64) -> Option<Value> {
+        let s = self.shop(name);
+        let r = s.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = r.pending.iter().find(|q| q.request_id == id) {
+            return Some(json!({
+                "request_id": id, "shop": name, "kind": q.kind, "requested_at": q.requested_at,
+                "state": "queued", "run_id": null, "run": null, "progress": null,
+            }));
+        }
+        if let Some(run) = &r.running
+            && let Some(q) = run.requests.iter().find(|q| q.request_id == id)
+        {
+            let (q, run_id) = (q.clone(), run.run_id);
+            drop(r);
+            let progress = s.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Some(json!({
+                "request_id": id, "shop": name, "kind": q.kind, "requested_at": q.requested_at,
+                "state": "running", "run_id": run_id, "run": null, "progress": progress,
+            }));
+        }
+        let answered = r
+            .answered
+            .iter()
+            .rev()
+            .find(|(q, _)| q.request_id == id)
+            .cloned();
+        drop(r);
+        let (kind, requested_at, run) = match answered {
+            Some((q, run_id)) => (
+                Some(q.kind),
+                Some(q.requested_at),
+                run_record(store, name, run_id),
+            ),
+            None => (None, None, find_run_of_request(store, name, id)),
+        };
+        let run = run?;
+        Some(json!({
+            "request_id": id, "shop": name, "kind": kind, "requested_at": requested_at,
+            "state": "done", "run_id": run.run_id, "outcome": run.outcome, "run": run, "progress": null,
+        }))
+    }
+
+    /// The running run with its progress, if any.
+    pub fn running_json(&self, name: &str) -> Option<Value> {
+        let p = self.progress(name)?;
+        Some(json!({"run_id": p.run_id, "state": "running", "progress": p}))
+    }
+
+    /// A run by id: the running one (`state: running`, its progress) or a
+    /// recorded one (`state: done`).
+    pub fn run_json(&self, store: &Store, name: &str, run_id: u64) -> Option<Value> {
+        if let Some(p) = self.progress(name).filter(|p| p.run_id == run_id) {
+            return Some(json!({"run_id": run_id, "state": "running", "progress": p, "run": null}));
+        }
+        let run = run_record(store, name, run_id)?;
+        Some(
+            json!({"run_id": run_id, "state": "done", "outcome": run.outcome, "run": run, "progress": null}),
+        )
+    }
+
+    /// Moves the pending requests a starting run answers to it: a full run
+    /// answers every pending request, an incremental run the incremental
+    /// ones.
+    fn claim(&self, shop: &ShopSync, run_id: u64, full: bool, first: bool) -> Vec<u64> {
+        let mut r = shop.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let (mine, rest): (Vec<SyncRequest>, Vec<SyncRequest>) = std::mem::take(&mut r.pending)
+            .into_iter()
+            .partition(|q| full || !q.full());
+        r.pending = rest;
+        let ids = mine.iter().map(|q| q.request_id).collect();
+        r.running = Some(Running {
+            run_id,
+            first,
+            requests: mine,
+        });
+        ids
+    }
+
+    /// The ended run's requests are answered; returns their ids.
+    fn answer(&self, shop: &ShopSync, run_id: u64) -> Vec<u64> {
+        let mut r = shop.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(run) = r.running.take().filter(|run| run.run_id == run_id) else {
+            return Vec::new();
+        };
+        let ids = run.requests.iter().map(|q| q.request_id).collect();
+        for q in run.requests {
+            if r.answered.len() >= ANSWERED_KEPT {
+                r.answered.pop_front();
+            }
+            r.answered.push_back((q, run_id));
+        }
+        ids
     }
 
     /// The shop's request limiter (status, metrics).
@@ -625,9 +809,12 @@ async fn run(
     // interrupted run and are not redone.
     let mut resumed_id = None;
     let mut first_view = 0;
+    // The shop's first sync: no store view has a checkpoint yet.
+    let mut first = true;
     for (i, code) in rec.store_codes.iter().enumerate() {
         let mirror = Mirror::open(&d.store, &rec.name, code)?;
         let mut cursor = mirror.cursor()?;
+        first &= cursor.updated_at.is_none() && cursor.products == 0;
         if let Some(r) = cursor.run.as_mut()
             && r.full == full
         {
@@ -641,9 +828,11 @@ async fn run(
     }
     let started_at = rfc3339(chrono::Utc::now());
     let started = Instant::now();
+    let requests = d.syncs.claim(shop, run_id, full, first);
     *shop.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(Progress {
         run_id,
         kind,
+        sync_requests: requests,
         started_at: started_at.clone(),
         resumed: resumed_id.is_some(),
         phase: "starting".into(),
@@ -698,6 +887,7 @@ async fn run(
         .take()
         .unwrap_or_default();
     let took = started.elapsed();
+    let requests = d.syncs.answer(shop, run_id);
     let outcome = match &result {
         Ok(()) if ctx.problem.is_some() => "partial",
         Ok(()) => "ok",
@@ -748,6 +938,7 @@ async fn run(
         item_errors: p.item_errors,
         last_item_error: ctx.last_item_error.clone(),
         error: error.clone(),
+        sync_requests: requests,
     };
     if outcome != "cancelled"
         && let Err(e) = save_run(&d.store, &record, cfg.sync.keep_runs)
@@ -812,6 +1003,42 @@ fn save_run(store: &Store, r: &RunRecord, keep: usize) -> Result<(), StoreError>
         }
     }
     Ok(())
+}
+
+/// No run of the shop was ever recorded and no store view has a
+/// checkpoint or products: its first sync is still to come.
+pub fn never_synced(d: &Daemon, rec: &ShopRecord) -> bool {
+    let prefix = format!("{}/", rec.name);
+    if d.store
+        .runs()
+        .scan_prefix(prefix.as_bytes())
+        .next()
+        .is_some()
+    {
+        return false;
+    }
+    rec.store_codes.iter().all(|code| {
+        crate::mirror::read_cursor(&d.store, &rec.name, code)
+            .is_ok_and(|c| c.updated_at.is_none() && c.products == 0 && c.run.is_none())
+    })
+}
+
+/// One recorded run of a shop.
+pub fn run_record(store: &Store, shop: &str, run_id: u64) -> Option<RunRecord> {
+    let v = store.runs().get(run_key(shop, run_id)).ok()??;
+    serde_json::from_slice(&v).ok()
+}
+
+/// The newest recorded run that answers request `id`.
+fn find_run_of_request(store: &Store, shop: &str, id: u64) -> Option<RunRecord> {
+    let prefix = format!("{shop}/");
+    store
+        .runs()
+        .scan_prefix(prefix.as_bytes())
+        .rev()
+        .filter_map(|r| r.ok())
+        .filter_map(|(_, v)| serde_json::from_slice::<RunRecord>(&v).ok())
+        .find(|r| r.sync_requests.contains(&id))
 }
 
 /// The last `n` runs of a shop, oldest first.
@@ -954,5 +1181,51 @@ pub fn begin(ctx: &RunCtx<'_>, cursor: &mut crate::mirror::Cursor, first_phase: 
             });
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: u64, full: bool) -> SyncRequest {
+        SyncRequest {
+            request_id: id,
+            kind: if full { "full_sync" } else { "sync" },
+            requested_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_run_answers_pending_incremental_requests_not_the_reverse() {
+        let m = SyncManager::new(&Config::default());
+        assert_eq!(m.add_request("a", req(1, false)), Some(Placed::Queued));
+        assert_eq!(m.add_request("a", req(2, true)), Some(Placed::Queued));
+        let shop = m.shop("a");
+        // An incremental run takes only the incremental request.
+        assert_eq!(m.claim(&shop, 10, false, false), vec![1]);
+        assert_eq!(m.answer(&shop, 10), vec![1]);
+        assert_eq!(m.add_request("a", req(3, false)), Some(Placed::Queued));
+        // A full run takes the full and the incremental one.
+        assert_eq!(m.claim(&shop, 11, true, false), vec![2, 3]);
+        // A request made while it runs waits for the next run...
+        assert_eq!(m.add_request("a", req(4, false)), Some(Placed::Queued));
+        assert_eq!(m.answer(&shop, 11), vec![2, 3]);
+        assert_eq!(m.claim(&shop, 12, false, false), vec![4]);
+        m.answer(&shop, 12);
+        // ...unless the running run is the shop's first sync.
+        m.claim(&shop, 13, false, true);
+        assert_eq!(m.add_request("a", req(5, false)), Some(Placed::Running(13)));
+        assert_eq!(m.add_request("a", req(6, true)), Some(Placed::Queued));
+        assert_eq!(m.answer(&shop, 13), vec![5]);
+    }
+
+    #[test]
+    fn pending_requests_are_bounded() {
+        let m = SyncManager::new(&Config::default());
+        for i in 0..MAX_PENDING_REQUESTS as u64 {
+            assert!(m.add_request("a", req(i, false)).is_some());
+        }
+        assert_eq!(m.add_request("a", req(9999, false)), None);
     }
 }
