@@ -235,45 +235,74 @@ async fn shop_clock(
 type Entry = (Option<i64>, Option<String>);
 
 /// Lists with `filters`, keeping only each product's id and SKU as the
-/// answer is decoded (a listing's other fields are never held); more than
-/// `cap` entries stop it.
+/// answer is decoded (a listing's other fields are never held). An entry
+/// outside `from..=to`, or more than `cap` entries, stops the decoding at
+/// once and the run as `protocol` (not retried: the shop would answer the
+/// same).
+#[allow(clippy::too_many_arguments)]
 async fn list_entries(
     ctx: &RunCtx<'_>,
     client: &M1Client,
     code: &str,
     what: &str,
     filters: &Value,
+    from: i64,
+    to: i64,
     cap: usize,
 ) -> Result<Vec<Entry>, SyncError> {
-    ctx.request(what, || async move {
-        let mut out: Vec<Entry> = Vec::new();
-        client
-            .list_products_each(filters.clone(), Some(code), &mut |v| {
-                if out.len() >= cap {
-                    return Err(XmlRpcError::Refused(format!(
-                        "catalog_product.list answered more than {cap} products for a range of {cap} ids: the shop ignores the product_id filter"
-                    )));
-                }
-                out.push((
-                    v.get("product_id").and_then(Value::as_i64),
-                    v.get("sku").and_then(Value::as_str).map(str::to_string),
-                ));
-                Ok(())
-            })
-            .await?;
-        Ok(out)
-    })
-    .await
+    let (out, bad) = ctx
+        .request(what, || async move {
+            let mut out: Vec<Entry> = Vec::new();
+            let mut bad: Option<String> = None;
+            let r = client
+                .list_products_each(filters.clone(), Some(code), &mut |v| {
+                    let id = v.get("product_id").and_then(Value::as_i64);
+                    let outside = id.is_some_and(|id| id < from || id > to);
+                    if outside || out.len() >= cap {
+                        bad = Some(match id {
+                            Some(id) if outside => format!(
+                                "catalog_product.list for {} answered product {id}, outside that range: the shop ignores the product_id filter, so walking on would read the same products again and again; fix the shop's catalog_product.list (a module rewriting the product collection or its filters?), then sync again",
+                                asked(from, to)
+                            ),
+                            _ => format!(
+                                "catalog_product.list for {} answered more than {cap} products: the shop ignores the product_id filter; fix the shop's catalog_product.list, then sync again",
+                                asked(from, to)
+                            ),
+                        });
+                        return Err(XmlRpcError::Refused("listing refused".into()));
+                    }
+                    out.push((
+                        id,
+                        v.get("sku").and_then(Value::as_str).map(str::to_string),
+                    ));
+                    Ok(())
+                })
+                .await;
+            match (r, bad) {
+                (_, Some(b)) => Ok((Vec::new(), Some(b))),
+                (Ok(()), None) => Ok((out, None)),
+                (Err(e), None) => Err(e),
+            }
+        })
+        .await?;
+    match bad {
+        Some(b) => Err(protocol(b)),
+        None => Ok(out),
+    }
+}
+
+fn asked(from: i64, to: i64) -> String {
+    if to == i64::MAX {
+        "the changed products".to_string()
+    } else {
+        format!("product_id {from}..{to}")
+    }
 }
 
 /// A `catalog_product.list` answer as (id, SKU), ascending, checked: every
 /// entry has both, every id is within `from..=to`, none twice.
 fn listed(list: Vec<Entry>, from: i64, to: i64) -> Result<Vec<(i64, String)>, SyncError> {
-    let asked = if to == i64::MAX {
-        "the changed products".to_string()
-    } else {
-        format!("product_id {from}..{to}")
-    };
+    let asked = asked(from, to);
     let mut out = Vec::with_capacity(list.len());
     for (id, sku) in list {
         let (Some(id), Some(sku)) = (id, sku) else {
@@ -329,7 +358,8 @@ async fn list_ranges(
             ("to".into(), Value::Int(end)),
         ]);
         let cap = usize::try_from(w).unwrap_or(usize::MAX);
-        let list = list_entries(ctx, client, code, "product list", &filters, cap).await?;
+        let list =
+            list_entries(ctx, client, code, "product list", &filters, start, end, cap).await?;
         let entries = listed(list, start, end)?;
         for (id, sku) in &entries {
             todo.insert(id.to_be_bytes(), sku.as_bytes())
@@ -649,7 +679,17 @@ async fn changed_since(
         "updated_at".into(),
         Value::Struct(vec![("gteq".into(), Value::String(since))]),
     )]);
-    let list = list_entries(ctx, client, code, "changed products", &filters, usize::MAX).await?;
+    let list = list_entries(
+        ctx,
+        client,
+        code,
+        "changed products",
+        &filters,
+        1,
+        i64::MAX,
+        usize::MAX,
+    )
+    .await?;
     let done_up_to = run_field(cursor, |r| r.position).unwrap_or(0);
     let entries: Vec<(i64, String)> = listed(list, 1, i64::MAX)?
         .into_iter()
