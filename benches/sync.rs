@@ -1,6 +1,13 @@
 //! Sync benchmark (DESIGN.md, "Performance targets").
 //!
-//! `cargo bench --bench sync -- [--products N] [--page-size N] [--json]`
+//! `cargo bench --bench sync -- [--products N] [--page-size N] [--platform m2|m1]
+//! [--latency-ms N] [--concurrency N] [--json]`
+//!
+//! With `--latency-ms N` every simulator answer is N ms late (a real shop's
+//! page time) and the report sets the daemon's wall time beside the
+//! sequential limit (requests × latency) and the concurrent limit (requests
+//! × latency / `sync.shop_concurrency`); the bare client is skipped then (its
+//! sequential walk would take the sequential limit twice).
 //!
 //! 1. Starts the simulator in-process with N products (default 100,000).
 //! 2. Baseline, the "bare client": fetches the pages the daemon fetches, in
@@ -40,14 +47,21 @@ const STORE: &str = "default";
 /// `cobbyd status` calls timed while the sync runs.
 const STATUS_SAMPLES: usize = 20;
 
-const USAGE: &str = "usage: cargo bench --bench sync -- [--products N] [--page-size N] [--json]
-  --products N    catalog size (default 100000; k and M suffixes accepted: 1M)
-  --page-size N   products per page, for the daemon and the baseline (default 200, at most 300)
-  --json          print one JSON object on stdout (the readable report goes to stderr)";
+const USAGE: &str = "usage: cargo bench --bench sync -- [--products N] [--page-size N] [--platform m2|m1] [--latency-ms N] [--concurrency N] [--json]
+  --products N     catalog size (default 100000; k and M suffixes accepted: 1M)
+  --page-size N    products per page, for the daemon and the baseline (default 200, at most 300);
+                   Magento 1: products per multiCall
+  --platform P     m2 (default) or m1
+  --latency-ms N   every simulator answer N ms late; reports the sequential and concurrent limits
+  --concurrency N  sync.shop_concurrency of the daemon (default 4)
+  --json           print one JSON object on stdout (the readable report goes to stderr)";
 
 struct Args {
     products: usize,
     page_size: u32,
+    m1: bool,
+    latency_ms: u64,
+    concurrency: u64,
     json: bool,
 }
 
@@ -68,12 +82,24 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         products: 100_000,
         page_size: 200,
+        m1: false,
+        latency_ms: 0,
+        concurrency: 4,
         json: false,
     };
     support::each_arg(USAGE, |name, value| {
         match name {
             "--products" => a.products = usize::try_from(parse_count(&value()?)?)?,
             "--page-size" => a.page_size = u32::try_from(parse_count(&value()?)?)?,
+            "--platform" => {
+                a.m1 = match value()?.as_str() {
+                    "m1" | "magento1" => true,
+                    "m2" | "magento2" => false,
+                    other => bail!("--platform is m1 or m2, not {other:?}"),
+                }
+            }
+            "--latency-ms" => a.latency_ms = parse_count(&value()?)?,
+            "--concurrency" => a.concurrency = parse_count(&value()?)?,
             "--json" => a.json = true,
             _ => return Ok(false),
         }
@@ -81,6 +107,9 @@ fn parse_args() -> Result<Args> {
     })?;
     if a.products == 0 {
         bail!("--products must be at least 1");
+    }
+    if !(1..=16).contains(&a.concurrency) {
+        bail!("--concurrency must be 1..=16 (sync.shop_concurrency's range)");
     }
     if !(1..=300).contains(&a.page_size) {
         bail!("--page-size must be 1..=300 (the simulated shop's maximum is 300)");
@@ -167,9 +196,14 @@ fn run(args: &Args) -> Result<Value> {
             println!("{s}");
         }
     };
+    let platform = if args.m1 {
+        "Magento 1 (XML-RPC)"
+    } else {
+        "Magento 2 (OAuth)"
+    };
     say(format!(
-        "cobbyd sync benchmark: {n} products, page size {}, Magento 2 (OAuth), store view {STORE}",
-        args.page_size
+        "cobbyd sync benchmark: {n} products, page size {}, {platform}, store view {STORE}, latency {} ms per answer, shop_concurrency {}",
+        args.page_size, args.latency_ms, args.concurrency
     ));
 
     // 1. The simulator, on its own runtime.
@@ -191,37 +225,57 @@ fn run(args: &Args) -> Result<Value> {
         STORE
     ));
 
-    // 2. Baseline, first run. The client gets its own runtime, as the
-    // daemon has its own process.
+    // 2. Baseline, first run (Magento 2 without latency only: with latency
+    // the limits below are the yardstick). The client gets its own
+    // runtime, as the daemon has its own process.
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("client")
         .enable_all()
         .build()?;
-    let b1 = client_rt.block_on(bare_client(&sim, args.page_size))?;
-    if b1.products != n as u64 {
-        bail!(
-            "bare client fetched {} products, the shop has {n}",
-            b1.products
-        );
+    let with_baseline = !args.m1 && args.latency_ms == 0;
+    let b1 = if with_baseline {
+        let b1 = client_rt.block_on(bare_client(&sim, args.page_size))?;
+        if b1.products != n as u64 {
+            bail!(
+                "bare client fetched {} products, the shop has {n}",
+                b1.products
+            );
+        }
+        say(format!(
+            "bare client   run 1: {} products, {} pages, {:.1} MiB in {:.2} s = {:.0} products/s",
+            b1.products,
+            b1.pages,
+            mib(b1.bytes),
+            b1.seconds,
+            b1.rate()
+        ));
+        Some(b1)
+    } else {
+        None
+    };
+    if args.latency_ms > 0 {
+        sim.set_fault(cobbyd::sim::Fault::Slow(Duration::from_millis(
+            args.latency_ms,
+        )));
     }
-    say(format!(
-        "bare client   run 1: {} products, {} pages, {:.1} MiB in {:.2} s = {:.0} products/s",
-        b1.products,
-        b1.pages,
-        mib(b1.bytes),
-        b1.seconds,
-        b1.rate()
-    ));
 
     // 3. The daemon.
-    let mut d = Daemon::start(&format!("[sync]\npage_size = {}\n", args.page_size))?;
+    let mut d = Daemon::start(&format!(
+        "[sync]\npage_size = {p}\nm1_batch_size = {p}\nshop_concurrency = {}\n",
+        args.concurrency,
+        p = args.page_size
+    ))?;
     let pid = d.pid();
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kib = proc_kib(pid, "VmRSS")?;
     let idle_hwm_kib = proc_kib(pid, "VmHWM")?;
     let cpu_before = proc_cpu_s(pid)?;
-    let creds = sim.credentials().m2_oauth_toml();
+    let creds = if args.m1 {
+        sim.credentials().m1_toml()
+    } else {
+        sim.credentials().m2_oauth_toml()
+    };
     let url = sim.url();
     let out = d.cli(
         &[
@@ -229,7 +283,7 @@ fn run(args: &Args) -> Result<Value> {
             "add",
             SHOP,
             "--platform",
-            "magento2",
+            if args.m1 { "magento1" } else { "magento2" },
             "--url",
             &url,
             "--store-code",
@@ -322,6 +376,19 @@ fn run(args: &Args) -> Result<Value> {
         run["requests"],
         duration_ms as f64 / 1e3
     ));
+    let requests = run["requests"].as_u64().unwrap_or(0);
+    let wall_s = duration_ms as f64 / 1e3;
+    let sequential_s = requests as f64 * args.latency_ms as f64 / 1e3;
+    let concurrent_s = sequential_s / args.concurrency as f64;
+    if args.latency_ms > 0 {
+        say(format!(
+            "latency       {} ms per answer, {requests} requests: daemon {wall_s:.1} s | sequential limit {sequential_s:.1} s | concurrent limit {concurrent_s:.1} s (x{}) | daemon / concurrent limit = {:.2} (target <= 1.1)",
+            args.latency_ms,
+            args.concurrency,
+            wall_s / concurrent_s.max(1e-9)
+        ));
+        sim.set_fault(cobbyd::sim::Fault::None);
+    }
 
     // `cobbyd status` with the daemon idle: the cost of the CLI itself
     // (process start, config, connect), for comparison.
@@ -388,16 +455,31 @@ fn run(args: &Args) -> Result<Value> {
     let peak_with_export_kib = proc_kib(pid, "VmHWM")?;
 
     // 2b. Baseline, second run (the shop is idle again).
-    let b2 = client_rt.block_on(bare_client(&sim, args.page_size))?;
-    say(format!(
-        "bare client   run 2: {} products, {} pages in {:.2} s = {:.0} products/s",
-        b2.products,
-        b2.pages,
-        b2.seconds,
-        b2.rate()
-    ));
-    let base = if b2.rate() > b1.rate() { &b2 } else { &b1 };
-    let ratio = daemon_rate / base.rate();
+    let (base_rate, ratio, base_json) = match &b1 {
+        Some(b1) => {
+            let b2 = client_rt.block_on(bare_client(&sim, args.page_size))?;
+            say(format!(
+                "bare client   run 2: {} products, {} pages in {:.2} s = {:.0} products/s",
+                b2.products,
+                b2.pages,
+                b2.seconds,
+                b2.rate()
+            ));
+            let base = if b2.rate() > b1.rate() { &b2 } else { b1 };
+            (
+                base.rate(),
+                daemon_rate / base.rate(),
+                json!({
+                    "products_per_s": base.rate(),
+                    "seconds": base.seconds,
+                    "pages": base.pages,
+                    "bytes": base.bytes,
+                    "runs_s": [b1.seconds, b2.seconds],
+                }),
+            )
+        }
+        None => (0.0, 0.0, Value::Null),
+    };
 
     d.stop();
 
@@ -417,11 +499,12 @@ fn run(args: &Args) -> Result<Value> {
         )
     };
     say(String::new());
-    say(format!(
-        "sync rate     daemon {daemon_rate:.0} products/s vs bare client {:.0} products/s = {:.1}% (target >= 90%)",
-        base.rate(),
-        ratio * 100.0
-    ));
+    if b1.is_some() {
+        say(format!(
+            "sync rate     daemon {daemon_rate:.0} products/s vs bare client {base_rate:.0} products/s = {:.1}% (target >= 90%)",
+            ratio * 100.0
+        ));
+    }
     say(format!(
         "daemon memory idle {:.1} MiB RSS (before the shop); peak {:.1} MiB during the sync (VmHWM; highest RSS sampled {:.1} MiB; target < 64 MiB at 1M); {:.1} MiB after it; peak {:.1} MiB once the export ran",
         idle_rss_kib as f64 / 1024.0,
@@ -450,13 +533,16 @@ fn run(args: &Args) -> Result<Value> {
         "products": n,
         "page_size": args.page_size,
         "sim_generate_s": sim_generate_s,
-        "baseline": {
-            "products_per_s": base.rate(),
-            "seconds": base.seconds,
-            "pages": base.pages,
-            "bytes": base.bytes,
-            "runs_s": [b1.seconds, b2.seconds],
+        "platform": if args.m1 { "magento1" } else { "magento2" },
+        "latency_ms": args.latency_ms,
+        "shop_concurrency": args.concurrency,
+        "limits_s": {
+            "daemon_wall": wall_s,
+            "sequential": sequential_s,
+            "concurrent": concurrent_s,
+            "ratio_to_concurrent": wall_s / concurrent_s.max(1e-9),
         },
+        "baseline": base_json,
         "daemon": {
             "products_per_s": daemon_rate,
             "duration_ms": duration_ms,

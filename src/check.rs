@@ -59,6 +59,10 @@ pub struct MirrorSummary {
     pub cursor_updated_at: Option<String>,
     pub cursor_last_id: Option<i64>,
     pub resumable: bool,
+    /// The unfinished run's phase, if any (`walk`, `catch_up`, ...).
+    pub run_phase: Option<String>,
+    /// The `entity_id` ranges a Magento 2 id walk still has to read.
+    pub id_ranges: Vec<crate::mirror::IdRange>,
 }
 
 /// Everything `check-state` found.
@@ -418,6 +422,17 @@ pub fn check(store: &Store) -> Result<Report, StoreError> {
             cursor_updated_at: v.cursor.as_ref().and_then(|c| c.updated_at.clone()),
             cursor_last_id: v.cursor.as_ref().map(|c| c.last_id),
             resumable: v.cursor.as_ref().is_some_and(|c| c.run.is_some()),
+            run_phase: v
+                .cursor
+                .as_ref()
+                .and_then(|c| c.run.as_ref())
+                .map(|r| r.phase.clone()),
+            id_ranges: v
+                .cursor
+                .as_ref()
+                .and_then(|c| c.run.as_ref())
+                .map(|r| r.ranges.clone())
+                .unwrap_or_default(),
         });
     }
     Ok(r)

@@ -910,7 +910,7 @@ impl WaitView {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{prefix} {bar:30.cyan/blue} {pos:>7}/{len:7} {msg}",
+                    "{prefix} {wide_bar:.cyan/blue} {pos}/{len} {msg}",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("█▉▊▋▌▍▎▏ "),

@@ -150,14 +150,39 @@ pub struct RunCursor {
     /// Magento 1: the newest `updated_at` stored by this run; becomes the
     /// cursor when the run completes.
     pub max_seen: Option<String>,
-    /// Magento 1: the shop's clock when this run started. The checkpoint
-    /// never moves past it: a product read early and saved again while the
-    /// run goes on has an `updated_at` between the two.
+    /// The shop's clock when this run started (Magento 1; Magento 2 id
+    /// walk). The checkpoint never moves past it: a product read early and
+    /// saved again while the run goes on has an `updated_at` between the two.
     pub shop_clock: Option<String>,
     /// This run was allowed to delete more than `sync.max_delete_share`
     /// (`--allow-mass-delete`); kept so that a resumed run keeps it.
     #[serde(default)]
     pub allow_mass_delete: bool,
+    /// Magento 2 id walk: the `entity_id` ranges still to read, each
+    /// `[next, end]` (every id below `next` in its range is stored). A range
+    /// leaves the list once read to its end; concurrent workers each page
+    /// one, and a page is written with the new position of its range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<IdRange>,
+    /// Magento 2 id walk: `total_count` the shop announced when it started.
+    #[serde(default)]
+    pub announced: u64,
+    /// Magento 2 id walk: products listed so far.
+    #[serde(default)]
+    pub listed: u64,
+    /// Magento 2 id walk: what made the listing inconsistent, if anything.
+    /// An inconsistent listing deletes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconsistent: Option<String>,
+}
+
+/// An `entity_id` range of a Magento 2 id walk still to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// The next id to read (every id in the range below it is stored).
+    pub next: i64,
+    /// The last id of the range.
+    pub end: i64,
 }
 
 /// Counts of what a page did to the mirror.
@@ -567,6 +592,43 @@ pub fn verify(store: &Store, shop: &str, store_code: &str) -> Result<Verified, S
     if !orphans.is_empty() {
         v.problems
             .push(list("data keys no index entry points at", &orphans));
+    }
+    if let Some(r) = v.cursor.as_ref().and_then(|c| c.run.as_ref()) {
+        // The id walk's ranges: each well formed, sorted, none overlapping
+        // (two workers never own one id), and only while walking.
+        let mut prev: Option<&IdRange> = None;
+        for x in &r.ranges {
+            if x.next > x.end {
+                v.problems.push(format!(
+                    "the unfinished run's id range {}..{} is empty (a finished range must leave the checkpoint)",
+                    x.next, x.end
+                ));
+            }
+            if let Some(p) = prev
+                && p.end >= x.next
+            {
+                v.problems.push(format!(
+                    "the unfinished run's id ranges {}..{} and {}..{} overlap or are out of order",
+                    p.next, p.end, x.next, x.end
+                ));
+            }
+            prev = Some(x);
+        }
+        if !r.ranges.is_empty() && r.phase != "walk" {
+            v.problems.push(format!(
+                "the unfinished run is in phase {:?} but still holds {} id ranges",
+                r.phase,
+                r.ranges.len()
+            ));
+        }
+        if !r.ranges.is_empty() {
+            v.notes.push(format!(
+                "an id walk is under way: {} ranges left, {} of {} products listed",
+                r.ranges.len(),
+                r.listed,
+                r.announced
+            ));
+        }
     }
     if let Some(c) = &v.cursor {
         if c.products != v.entries {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tracing::debug;
 
@@ -53,6 +53,8 @@ struct Inner {
     opts: ClientOptions,
     /// 0 while unknown, else 1 + index into [`PREFIXES`].
     prefix: AtomicUsize,
+    /// Newest `Date` header of an answer, in Unix seconds (0: none yet).
+    last_date: AtomicI64,
 }
 
 /// A Magento 2 shop. Cheap to clone (one `Arc`); the connection pool and
@@ -92,6 +94,11 @@ pub struct ProductQuery {
     pub id_after: Option<i64>,
     /// Only these entity ids (`in`); sorted by `entity_id`.
     pub ids: Vec<i64>,
+    /// Listing an id range: `entity_id` ≥ from (`from`) and ≤ to (`to`),
+    /// sorted by `entity_id` only (a primary-key range scan).
+    pub id_range: Option<(i64, i64)>,
+    /// Sorted by `entity_id` descending (the largest id first).
+    pub id_desc: bool,
 }
 
 impl Default for ProductQuery {
@@ -104,6 +111,8 @@ impl Default for ProductQuery {
             after: None,
             id_after: None,
             ids: Vec::new(),
+            id_range: None,
+            id_desc: false,
         }
     }
 }
@@ -157,6 +166,7 @@ impl M2Client {
                 auth,
                 opts: opts.clone(),
                 prefix: AtomicUsize::new(0),
+                last_date: AtomicI64::new(0),
             }),
         })
     }
@@ -224,6 +234,15 @@ impl M2Client {
             product_count: Some(page.total_count),
             api_base: self.api_base().unwrap_or_else(|| self.inner.base.clone()),
         })
+    }
+
+    /// The shop's clock as of the newest answer received so far (its `Date`
+    /// header, to the second), if any answer carried one.
+    pub fn shop_clock(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.inner.last_date.load(Ordering::Relaxed) {
+            0 => None,
+            secs => chrono::DateTime::from_timestamp(secs, 0),
+        }
     }
 
     /// One page of products, sorted by (`updated_at`, `entity_id`) ascending
@@ -332,6 +351,13 @@ impl M2Client {
             .map_err(|e| http::classify_send_error(&e, &inner.opts))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        if let Some(t) = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+        {
+            inner.last_date.fetch_max(t.timestamp(), Ordering::Relaxed);
+        }
         let redirected = resp.url() != &url;
         let answered_by = resp.url().clone();
         let body = http::read_body(&mut resp, &inner.opts).await?;
@@ -404,8 +430,16 @@ fn product_query(q: &ProductQuery) -> Vec<(String, String)> {
     if !q.ids.is_empty() {
         let list: Vec<String> = q.ids.iter().map(i64::to_string).collect();
         filter(&mut v, group, 0, "entity_id", &list.join(","), "in");
+        group += 1;
     }
-    if q.id_after.is_some() || !q.ids.is_empty() {
+    if let Some((from, to)) = q.id_range {
+        filter(&mut v, group, 0, "entity_id", &from.to_string(), "from");
+        filter(&mut v, group + 1, 0, "entity_id", &to.to_string(), "to");
+    }
+    if q.id_desc {
+        v.push(pair("searchCriteria[sortOrders][0][field]", "entity_id"));
+        v.push(pair("searchCriteria[sortOrders][0][direction]", "DESC"));
+    } else if q.id_after.is_some() || !q.ids.is_empty() || q.id_range.is_some() {
         v.push(pair("searchCriteria[sortOrders][0][field]", "entity_id"));
         v.push(pair("searchCriteria[sortOrders][0][direction]", "ASC"));
     } else {

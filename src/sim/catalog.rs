@@ -828,6 +828,62 @@ impl Catalog {
         (0..count).map(|i| self.by_id[i * n / count]).collect()
     }
 
+    /// Changes the price of some products without touching `updated_at`
+    /// (as stock, image and mass-attribute updates do in Magento).
+    pub fn change_silently(&mut self, ids: &[u32]) {
+        for id in ids {
+            if self.get(*id).is_some() {
+                let r = &mut self.rows[(*id - 1) as usize];
+                r.rev = r.rev.wrapping_add(1);
+                r.price_cents = r.price_cents.saturating_add(1);
+            }
+        }
+    }
+
+    /// Moves a product's `updated_at` to the end of time as far as sorting
+    /// and filtering go (`u32::MAX`), as a row stored with "9999-12-31
+    /// 23:59:59" sorts after every real one.
+    pub fn set_updated_last(&mut self, id: u32) {
+        if self.get(id).is_some() {
+            self.by_time.retain(|(_, i)| *i != id);
+            self.rows[(id - 1) as usize].updated_at = u32::MAX;
+            self.merge_time(vec![(u32::MAX, id)]);
+        }
+    }
+
+    /// A product that exists only in one answer (the `endless` fault): a
+    /// row for `id`, created and updated at `ts`.
+    pub fn phantom(&self, id: u32, ts: u32) -> Row {
+        let x = h(self.seed, id, 7);
+        Row {
+            id,
+            created_at: ts,
+            updated_at: ts,
+            price_cents: 100 + ((x >> 36) % 99_900) as u32,
+            weight_g: 50 + ((x >> 44) % 5000) as u32,
+            rev: 0,
+            set_id: 4,
+            type_idx: 0,
+            status: 1,
+            visibility: 4,
+            alive: true,
+        }
+    }
+
+    /// The largest id a listing may hold when it holds only the `n` lowest
+    /// ids (the `partial_listing` fault); 0 when `n` is 0.
+    pub fn nth_id(&self, n: u64) -> u32 {
+        match usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) {
+            None => 0,
+            Some(i) => self
+                .by_id
+                .get(i)
+                .or(self.by_id.last())
+                .copied()
+                .unwrap_or(0),
+        }
+    }
+
     /// Sets `updated_at` on some products (and bumps their revision, so the
     /// content changes too).
     pub fn set_updated(&mut self, ids: &[u32], ts: u32) {
@@ -1170,6 +1226,28 @@ impl Catalog {
         let rows = (start..end).filter_map(|i| self.get(at(i))).collect();
         Page { total, rows }
     }
+}
+
+/// The lowest `entity_id` a query admits, as far as its id range and keyset
+/// groups tell (`None`: unbounded below).
+pub fn id_floor(q: &Query) -> Option<i64> {
+    let mut floor: Option<i64> = None;
+    let mut raise = |v: i64| floor = Some(floor.map_or(v, |f| f.max(v)));
+    for g in &q.groups {
+        match g.as_slice() {
+            [f] if f.field == Field::EntityId => match &f.cond {
+                Cond::Gt(Operand::Num(n)) if n.is_finite() => raise(n.floor() as i64 + 1),
+                Cond::Gteq(Operand::Num(n)) if n.is_finite() => raise(n.ceil() as i64),
+                _ => {}
+            },
+            g => {
+                if let Some((_, i)) = keyset_after(g) {
+                    raise(i.saturating_add(1));
+                }
+            }
+        }
+    }
+    floor
 }
 
 /// `Some((T, I))` when a group reads "`updated_at` > T OR `entity_id` > I"

@@ -9,7 +9,7 @@
 //! | `GET /counters` | | [`Counters`](super::Counters) |
 //! | `POST /counters/reset` | | `{"ok":true}` |
 //! | `GET /fault` | | the current mode |
-//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"redirect","status":307,"to":URL\|"m1_info_fault","code":N,"every":N\|"m1_info_wrong_id","every":N\|"m1_list_ignores_range"\|"m1_huge_session","bytes":N}` | the mode set |
+//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"redirect","status":307,"to":URL\|"m1_info_fault","code":N,"every":N\|"m1_info_wrong_id","every":N\|"m1_list_ignores_range"\|"m1_huge_session","bytes":N\|"short_total","total":N\|"partial_listing","items":N\|"endless","total":N}` | the mode set |
 //! | `POST /acl/revoke`, `POST /acl/grant` | `{"resource":"Magento_Catalog::products"}` | `{"ok":true}` |
 //! | `POST /bearer` | `{"enabled":true}` | `{"ok":true}` |
 //! | `POST /sessions/expire` | | `{"ok":true}` |
@@ -17,6 +17,11 @@
 //! | `POST /products/touch_skus` | `{"skus":[...]}` | `{"ok":true}` |
 //! | `POST /products/delete_skus` | `{"skus":[...]}` | `{"skus":[...]}` (those that existed) |
 //! | `POST /products/set_updated_at` | `{"skus":[...],"updated_at":"YYYY-MM-DD HH:MM:SS"}` | `{"ok":true}` |
+//! | `POST /products/change_silently` | `{"count":k}` | `{"skus":[...]}` (price changed, `updated_at` not) |
+//! | `POST /products/render_updated_at` | `{"skus":[...],"updated_at":"any text"}` | `{"ok":true}` |
+//! | `POST /products/render_id_zero` | | `{"sku":"..."}` (the lowest id renders as 0) |
+//! | `POST /products/duplicate_sku` | `{"count":k}` | `{"sku":"..."}` (k more ids render it) |
+//! | `POST /products/clear_quirks` | | `{"ok":true}` |
 //! | `GET /products/count` | | `{"count":N}` |
 //!
 //! Errors: `{"error":{"kind":..,"message":..}}` with 400 or 404.
@@ -151,6 +156,28 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
             sim.set_updated_at(&s, ts);
             Ok(ok())
         }),
+        (&Method::POST, "/products/change_silently") => {
+            count().map(|n| json(200, &json!({"skus": sim.change_silently(n)})))
+        }
+        (&Method::POST, "/products/render_updated_at") => skus().and_then(|s| {
+            let ts = body
+                .get("updated_at")
+                .and_then(Value::as_str)
+                .filter(|t| t.len() <= 255)
+                .ok_or_else(|| boxed_bad("bad_request", "expected \"updated_at\" (text)"))?;
+            sim.render_updated_at(&s, ts);
+            Ok(ok())
+        }),
+        (&Method::POST, "/products/render_id_zero") => {
+            Ok(json(200, &json!({"sku": sim.render_id_zero()})))
+        }
+        (&Method::POST, "/products/duplicate_sku") => {
+            count().map(|n| json(200, &json!({"sku": sim.duplicate_sku(n)})))
+        }
+        (&Method::POST, "/products/clear_quirks") => {
+            sim.clear_quirks();
+            Ok(ok())
+        }
         (&Method::GET, "/products/count") => Ok(json(200, &json!({"count": sim.product_count()}))),
         _ => Ok(json(
             404,

@@ -55,6 +55,29 @@ pub enum Fault {
         /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
         to: String,
     },
+    /// Magento 2 listings (`GET /V1/products`) answer `total_count` as at
+    /// most `total`, while their pages stay as full as the catalog makes
+    /// them: a listing that claims fewer products than it sends (a broken
+    /// collection plugin or a cache in front of the count query).
+    ShortTotal {
+        /// The largest `total_count` answered.
+        total: u64,
+    },
+    /// Magento 2 listings hold only the `items` products with the lowest
+    /// ids; `total_count` still counts the whole match (a listing cut
+    /// short by a proxy or a half-updated module: "10 of 300").
+    PartialListing {
+        /// Products the listings still hold.
+        items: u64,
+    },
+    /// Magento 2 listings always answer a full page of products with new
+    /// ids past the query's lower `entity_id` bound (or past every id
+    /// answered so far), updated now, with this `total_count`: a catalog
+    /// without end.
+    Endless {
+        /// The `total_count` answered.
+        total: u64,
+    },
     /// Magento 1: `catalog_product.info` (alone or in a `multiCall`)
     /// answers fault `code` for every product whose id is a multiple of
     /// `every` (1: all), although `catalog_product.list` lists them: fault 1
@@ -100,6 +123,9 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
             Fault::Redirect { .. } => "redirect",
+            Fault::ShortTotal { .. } => "short_total",
+            Fault::PartialListing { .. } => "partial_listing",
+            Fault::Endless { .. } => "endless",
             Fault::M1InfoFault { .. } => "m1_info_fault",
             Fault::M1InfoWrongId { .. } => "m1_info_wrong_id",
             Fault::M1ListIgnoresRange => "m1_list_ignores_range",
@@ -110,7 +136,9 @@ impl Fault {
     /// Reads the control-API form: `{"mode": "slow", "ms": 200}`,
     /// `{"mode": "flaky", "every": 3}`, `{"mode": "rate_limited",
     /// "retry_after_s": 5}`, `{"mode": "redirect", "status": 307, "to":
-    /// "http://127.0.0.2:8080"}`, `{"mode": "m1_info_fault", "code": 101,
+    /// "http://127.0.0.2:8080"}`, `{"mode": "short_total", "total": 3}`,
+    /// `{"mode": "partial_listing", "items": 10}`, `{"mode": "endless",
+    /// "total": 1000000000000}`, `{"mode": "m1_info_fault", "code": 101,
     /// "every": 1}`, `{"mode": "m1_info_wrong_id", "every": 2}`,
     /// `{"mode": "m1_list_ignores_range"}`, `{"mode": "m1_huge_session",
     /// "bytes": 52428800}`, or a bare mode name.
@@ -154,6 +182,15 @@ impl Fault {
                     to: to.to_string(),
                 }
             }
+            "short_total" => Fault::ShortTotal {
+                total: num("total").ok_or("short_total needs \"total\"")?,
+            },
+            "partial_listing" => Fault::PartialListing {
+                items: num("items").ok_or("partial_listing needs \"items\"")?,
+            },
+            "endless" => Fault::Endless {
+                total: num("total").unwrap_or(1_000_000_000_000),
+            },
             "m1_info_fault" => Fault::M1InfoFault {
                 code: v
                     .get("code")
@@ -186,6 +223,8 @@ impl Fault {
                 v["status"] = (*status).into();
                 v["to"] = to.as_str().into();
             }
+            Fault::ShortTotal { total } | Fault::Endless { total } => v["total"] = (*total).into(),
+            Fault::PartialListing { items } => v["items"] = (*items).into(),
             Fault::M1InfoFault { code, every } => {
                 v["code"] = (*code).into();
                 v["every"] = (*every).into();
@@ -332,6 +371,9 @@ mod tests {
                 status: 308,
                 to: "http://127.0.0.2:9".into(),
             },
+            Fault::ShortTotal { total: 3 },
+            Fault::PartialListing { items: 10 },
+            Fault::Endless { total: 7 },
             Fault::M1InfoFault {
                 code: 101,
                 every: 1,

@@ -6,6 +6,7 @@
 use super::{Inner, bump, lock, read, write};
 use crate::magento::oauth;
 use crate::sim::catalog::{self, Dir, Field, Filter, Lang, Op, Query, Row};
+use crate::sim::faults::Fault;
 use crate::sim::server::{MAX_SHOP_BODY, Resp, json, json_bytes, read_body};
 use hyper::body::Incoming;
 use hyper::{Method, Request};
@@ -13,6 +14,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// ACL resource of the catalog routes.
 pub const ACL_PRODUCTS: &str = "Magento_Catalog::products";
@@ -846,7 +848,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, rest: Str
             let Some(r) = found else {
                 return product_missing();
             };
-            let item = Item::new(inner.cfg.seed, &r, lang, true);
+            let item = inner.m2_item(&r, lang, true);
             let fields = Node::parse_query(req.uri().query().unwrap_or(""))
                 .get("fields")
                 .and_then(Node::leaf)
@@ -879,21 +881,59 @@ async fn list_products(inner: &Arc<Inner>, raw_query: &str, lang: Lang) -> Resp 
     query.lang = lang;
     query.legacy_last_page = inner.cfg.legacy_last_page;
     let salt = inner.next_salt();
+    let fault = lock(&inner.fault).clone();
+    if matches!(
+        fault,
+        Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. }
+    ) {
+        bump(&inner.counters.faults_injected);
+    }
     let inner2 = inner.clone();
     // Query and render off the async workers: a page without pageSize may be
     // the whole catalog.
     let out = tokio::task::spawn_blocking(move || {
-        let page = read(&inner2.catalog).query(&query, salt);
-        let seed = inner2.cfg.seed;
-        let items: Vec<Item> = page
-            .rows
+        let catalog = read(&inner2.catalog);
+        let (rows, total) = match fault {
+            Fault::Endless { total } => {
+                let size = u64::from(query.page_size.unwrap_or(300).max(1));
+                let floor = catalog::id_floor(&query).unwrap_or(1).max(1);
+                let floor = u64::try_from(floor).unwrap_or(1);
+                let past = (catalog.ids().last().copied().unwrap_or(0) as u64).saturating_add(1);
+                let next = inner2.endless_next.load(Ordering::Relaxed).max(past);
+                let start = next.max(floor);
+                inner2
+                    .endless_next
+                    .store(start.saturating_add(size), Ordering::Relaxed);
+                let ts = catalog::now_secs();
+                let rows: Vec<catalog::Row> = (start..start.saturating_add(size))
+                    .filter_map(|id| u32::try_from(id).ok())
+                    .map(|id| catalog.phantom(id, ts))
+                    .collect();
+                (rows, usize::try_from(total).unwrap_or(usize::MAX))
+            }
+            _ => {
+                let page = catalog.query(&query, salt);
+                let mut rows = page.rows;
+                let mut total = page.total;
+                if let Fault::ShortTotal { total: t } = fault {
+                    total = total.min(usize::try_from(t).unwrap_or(usize::MAX));
+                }
+                if let Fault::PartialListing { items } = fault {
+                    let last = catalog.nth_id(items);
+                    rows.retain(|r| r.id <= last);
+                }
+                (rows, total)
+            }
+        };
+        drop(catalog);
+        let items: Vec<Item> = rows
             .iter()
-            .map(|r| Item::new(seed, r, lang, false))
+            .map(|r| inner2.m2_item(r, lang, false))
             .collect();
         let answer = ListAnswer {
             items: &items,
             search_criteria: &crit.echo,
-            total_count: page.total,
+            total_count: total,
         };
         match fields {
             None => serde_json::to_vec(&answer),
@@ -943,7 +983,7 @@ async fn put_product(inner: &Arc<Inner>, req: Request<Incoming>, sku: &str, lang
         c.get(r.id)
     };
     match row {
-        Some(r) => json(200, &Item::new(inner.cfg.seed, &r, lang, true)),
+        Some(r) => json(200, &inner.m2_item(&r, lang, true)),
         None => product_missing(),
     }
 }

@@ -25,7 +25,7 @@ use crate::sim::catalog::Catalog;
 pub use crate::sim::faults::Fault;
 pub use crate::sim::tls::SimTls;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -204,6 +204,10 @@ pub struct Counters {
     pub by_route: BTreeMap<String, u64>,
     /// Requests answered by a fault mode instead of the shop.
     pub faults_injected: u64,
+    /// The most shop requests that were in flight at once (a fault's delay
+    /// included): how concurrently a client reads.
+    #[serde(default)]
+    pub max_in_flight: u64,
 }
 
 #[derive(Default)]
@@ -218,6 +222,25 @@ struct CounterCells {
     auth_failures: AtomicU64,
     faults_injected: AtomicU64,
     by_route: Mutex<BTreeMap<String, u64>>,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a shop request as in flight while it lives.
+struct InFlight<'a>(&'a CounterCells);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a CounterCells) -> InFlight<'a> {
+        let n = c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        c.max_in_flight.fetch_max(n, Ordering::Relaxed);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl CounterCells {
@@ -248,6 +271,7 @@ impl CounterCells {
             auth_failures: g(&self.auth_failures),
             by_route: lock(&self.by_route).clone(),
             faults_injected: g(&self.faults_injected),
+            max_in_flight: g(&self.max_in_flight),
         }
     }
 
@@ -262,6 +286,7 @@ impl CounterCells {
             &self.m1_multicall_items,
             &self.auth_failures,
             &self.faults_injected,
+            &self.max_in_flight,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -272,6 +297,37 @@ impl CounterCells {
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
+
+/// How one product is rendered differently from its row on Magento 2: a
+/// shop whose data is broken (see [`SimHandle::render_updated_at`],
+/// [`SimHandle::render_id_zero`], [`SimHandle::duplicate_sku`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quirk {
+    /// Rendered as this `id`.
+    pub id: Option<u32>,
+    /// Rendered with this SKU.
+    pub sku: Option<String>,
+    /// Rendered with this `updated_at`.
+    pub updated_at: Option<String>,
+}
+
+impl Quirk {
+    /// Applies the quirk to a rendered item.
+    pub fn apply(&self, item: &mut m2::Item) {
+        if let Some(id) = self.id {
+            item.id = id;
+        }
+        if let Some(s) = &self.sku {
+            item.sku.clone_from(s);
+        }
+        if let Some(u) = &self.updated_at {
+            item.updated_at.clone_from(u);
+        }
+    }
+}
+
+/// Most products one simulator renders with a quirk.
+const MAX_QUIRKS: usize = 100_000;
 
 /// State shared by the handle, the listeners and every request.
 struct Inner {
@@ -295,6 +351,10 @@ struct Inner {
     listeners: Mutex<server::Listeners>,
     /// Set when the shop listener speaks TLS.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Products rendered differently from their rows (M2), by row id.
+    quirks: RwLock<HashMap<u32, Quirk>>,
+    /// The next id `Fault::Endless` answers (past every id it answered).
+    endless_next: AtomicU64,
 }
 
 impl Inner {
@@ -306,6 +366,15 @@ impl Inner {
 
     fn next_salt(&self) -> u64 {
         catalog::mix(self.salt.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Renders a row as Magento 2 does, quirks applied.
+    fn m2_item(&self, r: &catalog::Row, lang: catalog::Lang, single: bool) -> m2::Item {
+        let mut item = m2::Item::new(self.cfg.seed, r, lang, single);
+        if let Some(q) = read(&self.quirks).get(&r.id) {
+            q.apply(&mut item);
+        }
+        item
     }
 
     fn default_store(&self) -> &str {
@@ -365,6 +434,8 @@ impl SimHandle {
             salt: AtomicU64::new(1),
             listeners: Mutex::new(server::Listeners::new(tokio::runtime::Handle::current())),
             tls,
+            quirks: RwLock::new(HashMap::new()),
+            endless_next: AtomicU64::new(0),
         });
         server::start_control(&inner, control)?;
         server::start_shop(&inner, shop)?;
@@ -512,17 +583,96 @@ impl SimHandle {
         c.set_updated(&ids, secs);
     }
 
+    /// Changes the price of `count` products spread over the catalog without
+    /// touching their `updated_at` (a stock or mass-attribute update);
+    /// returns their SKUs.
+    pub fn change_silently(&self, count: usize) -> Vec<String> {
+        let mut c = write(&self.inner.catalog);
+        let ids = c.spread(count);
+        c.change_silently(&ids);
+        ids.iter().map(|id| c.sku(*id)).collect()
+    }
+
+    /// Magento 2 renders these products with `updated_at` exactly `value`,
+    /// whatever it is (`"9999-12-31 23:59:59"`, `"zzzz-not-a-date"`). A
+    /// value that reads as a time past what the catalog holds sorts and
+    /// filters after every other product (as such a row would in MySQL);
+    /// any other value leaves sorting and filtering on the real time.
+    pub fn render_updated_at(&self, skus: &[String], value: &str) {
+        let ids = self.ids_of(skus);
+        let past_end = catalog::parse_ts(value).is_some_and(|t| t > i64::from(u32::MAX - 1));
+        if past_end {
+            let mut c = write(&self.inner.catalog);
+            for id in &ids {
+                c.set_updated_last(*id);
+            }
+        }
+        self.quirk(&ids, |q| q.updated_at = Some(value.to_string()));
+    }
+
+    /// Magento 2 renders the product with the lowest id with `id` 0 (it
+    /// still sorts and filters first); returns its SKU.
+    pub fn render_id_zero(&self) -> String {
+        let (sku, id) = {
+            let c = read(&self.inner.catalog);
+            let id = c.ids().first().copied().unwrap_or(1);
+            (c.sku(id), id)
+        };
+        self.quirk(&[id], |q| q.id = Some(0));
+        sku
+    }
+
+    /// Magento 2 renders the `count` products with the lowest ids after the
+    /// first under the first one's SKU (one SKU on many ids); returns that
+    /// SKU.
+    pub fn duplicate_sku(&self, count: usize) -> String {
+        let (sku, ids) = {
+            let c = read(&self.inner.catalog);
+            let ids: Vec<u32> = c
+                .ids()
+                .iter()
+                .take(count.saturating_add(1))
+                .copied()
+                .collect();
+            (ids.first().map(|id| c.sku(*id)).unwrap_or_default(), ids)
+        };
+        self.quirk(ids.get(1..).unwrap_or(&[]), |q| q.sku = Some(sku.clone()));
+        sku
+    }
+
+    /// Forgets every rendering quirk (the rows keep their times).
+    pub fn clear_quirks(&self) {
+        write(&self.inner.quirks).clear();
+    }
+
+    fn ids_of(&self, skus: &[String]) -> Vec<u32> {
+        let c = read(&self.inner.catalog);
+        skus.iter()
+            .filter_map(|s| c.find_sku(s).map(|r| r.id))
+            .collect()
+    }
+
+    fn quirk(&self, ids: &[u32], f: impl Fn(&mut Quirk)) {
+        let mut q = write(&self.inner.quirks);
+        for id in ids {
+            if q.len() >= MAX_QUIRKS && !q.contains_key(id) {
+                break;
+            }
+            f(q.entry(*id).or_default());
+        }
+    }
+
     /// Every product exactly as `GET /V1/products` returns the item in this
     /// store view (full, no `fields`), sorted by SKU. Builds every item in
     /// memory (about 3 KiB each): for very large catalogs use
     /// [`SimHandle::m2_item`] with [`SimHandle::skus`].
     pub fn m2_items(&self, store_code: &str) -> Vec<serde_json::Value> {
-        let (seed, rows) = self.all_rows();
+        let (_, rows) = self.all_rows();
         let lang = catalog::Lang::for_store(store_code);
         let mut items: Vec<(String, serde_json::Value)> = rows
             .iter()
             .map(|r| {
-                let item = m2::Item::new(seed, r, lang, false);
+                let item = self.inner.m2_item(r, lang, false);
                 (
                     item.sku.clone(),
                     serde_json::to_value(&item).unwrap_or_default(),
@@ -555,12 +705,9 @@ impl SimHandle {
     /// (case-insensitive); for catalogs too big for [`SimHandle::m2_items`].
     pub fn m2_item(&self, sku: &str, store_code: &str) -> Option<serde_json::Value> {
         let row = read(&self.inner.catalog).find_sku(sku)?;
-        let item = m2::Item::new(
-            self.inner.cfg.seed,
-            &row,
-            catalog::Lang::for_store(store_code),
-            false,
-        );
+        let item = self
+            .inner
+            .m2_item(&row, catalog::Lang::for_store(store_code), false);
         serde_json::to_value(&item).ok()
     }
 

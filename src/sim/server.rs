@@ -389,6 +389,7 @@ fn classify(path: &str) -> (Area<'_>, bool) {
 async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp, io::Error> {
     let c = &inner.counters;
     bump(&c.requests);
+    let _in_flight = super::InFlight::new(c);
     let fault = lock(&inner.fault).clone();
     let path = req.uri().path().to_string();
     let (area, via_index) = classify(&path);
@@ -397,7 +398,9 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
     let is_xmlrpc = matches!(area, Area::XmlRpc) && routed;
     let is_api = is_rest || is_xmlrpc;
     match &fault {
-        // The Magento 1 modes are answered by the XML-RPC API itself.
+        // The Magento 1 modes are answered by the XML-RPC API itself, the
+        // Magento 2 listing modes inside the listing (`m2::list_products`).
+        Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {}
         Fault::None
         | Fault::Truncated
         | Fault::M1InfoFault { .. }

@@ -2,7 +2,7 @@
 //! per shop and at most `sync.max_concurrent_syncs` in all; keeps progress
 //! visible; records each run in the `runs` tree.
 //!
-//! The platform walks live in [`m2`] (keyset paging by `updated_at`,
+//! The platform walks live in [`m2`] (an `entity_id` range walk, then keyset paging by `updated_at`,
 //! `entity_id`) and [`m1`] (id ranges, `multiCall` details). Both write
 //! through [`crate::mirror::Mirror::apply`] and flush a page with its
 //! checkpoint before the next page is stored (the M2 catch-up fetches the
@@ -625,9 +625,52 @@ pub struct RunCtx<'a> {
     /// Set when the run met answers it could not trust or products it could
     /// not read: it ends `partial` with this problem, never `ok`.
     pub problem: Option<ShopError>,
+    /// Inconsistent or suspicious answers met by this run: the run ends
+    /// `partial` with them as its problem (bounded: see [`RunCtx::inconsistent`]).
+    problems: Mutex<Problems>,
 }
 
+/// The problems of a run, kept bounded: the first few in full, then a count.
+#[derive(Debug, Default)]
+struct Problems {
+    shown: Vec<String>,
+    more: u64,
+}
+
+/// Problems a run keeps word for word; later ones are counted.
+const MAX_PROBLEMS: usize = 5;
+
 impl RunCtx<'_> {
+    /// Records an inconsistent answer (or bad data) the run met and went on
+    /// from: the run ends `partial`, never `ok`, with the problem named. A
+    /// problem already recorded is not repeated.
+    pub fn inconsistent(&self, message: impl Into<String>) {
+        let message = message.into();
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if p.shown.contains(&message) {
+            return;
+        }
+        tracing::warn!(shop = %self.rec.name, run = self.run_id, "{message}");
+        if p.shown.len() < MAX_PROBLEMS {
+            p.shown.push(message);
+        } else {
+            p.more += 1;
+        }
+    }
+
+    /// The problems recorded so far, as one message (`None`: none).
+    fn problems_message(&self) -> Option<String> {
+        let p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if p.shown.is_empty() {
+            return None;
+        }
+        let mut m = p.shown.join("; ");
+        if p.more > 0 {
+            m.push_str(&format!("; and {} more", p.more));
+        }
+        Some(m)
+    }
+
     /// Notes what makes this run `partial` (the first problem is kept, and
     /// the count of such problems).
     pub fn partial(&mut self, e: ShopError) {
@@ -854,6 +897,7 @@ async fn run(
         last_item_error: None,
         allow_mass_delete: full && shop.allow_mass_delete.swap(false, Ordering::Relaxed),
         problem: None,
+        problems: Mutex::new(Problems::default()),
     };
     let result = async {
         let client = d
@@ -887,6 +931,17 @@ async fn run(
         .take()
         .unwrap_or_default();
     let took = started.elapsed();
+    // The inconsistencies noted by concurrent workers join the problem
+    // that makes the run `partial`.
+    if let Some(m) = ctx.problems_message() {
+        match ctx.problem.as_mut() {
+            Some(e) => {
+                e.message.push_str("; ");
+                e.message.push_str(&m);
+            }
+            None => ctx.problem = Some(ShopError::new(FailureKind::Protocol, m)),
+        }
+    }
     let requests = d.syncs.answer(shop, run_id);
     let outcome = match &result {
         Ok(()) if ctx.problem.is_some() => "partial",

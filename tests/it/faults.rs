@@ -245,6 +245,24 @@ const M1_SESSION_ID: Situation = Situation {
     }),
 };
 
+const SHORT_TOTAL: Situation = Situation {
+    id: "short_total",
+    what: "Magento 2 listings answer a `total_count` smaller than the products they send",
+    inject: Inject::Mode(Fault::ShortTotal { total: 3 }),
+};
+const PARTIAL: Situation = Situation {
+    id: "partial",
+    what: "Magento 2 listings hold only some products (10 of 40) while `total_count` counts all (a proxy or half-updated module)",
+    inject: Inject::Mode(Fault::PartialListing { items: 10 }),
+};
+const ENDLESS: Situation = Situation {
+    id: "endless",
+    what: "a Magento 2 listing never ends: full pages of new ids, `total_count` 10^12",
+    inject: Inject::Mode(Fault::Endless {
+        total: 1_000_000_000_000,
+    }),
+};
+
 const fn row(sit: &'static Situation, p: P, phase: Phase, expect: Expect) -> Row {
     Row {
         sit,
@@ -365,6 +383,12 @@ const ROWS: &[Row] = &[
     row(&M1_RANGE, M1, Sync, FullFails(K::Protocol)),
     row(&M1_SESSION_ID, M1, Probe, Problem("degraded", K::Protocol)),
     row(&M1_SESSION_ID, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
+    row(&SHORT_TOTAL, M2, Probe, Healthy),
+    row(&SHORT_TOTAL, M2, Sync, Partial(K::Protocol)),
+    row(&PARTIAL, M2, Probe, Healthy),
+    row(&PARTIAL, M2, Sync, Partial(K::Protocol)),
+    row(&ENDLESS, M2, Probe, Healthy),
+    row(&ENDLESS, M2, Sync, RunFails(K::Protocol, 1)),
 ];
 
 impl P {
@@ -554,6 +578,15 @@ fn log_number(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Probes the shop has answered: `core_magento.info` calls (M1),
+/// `storeConfigs` requests (M2).
+fn probe_calls(p: P, sim: &SimHandle) -> u64 {
+    match p {
+        M1 => m1_probe_calls(sim),
+        M2 => sim.counters().m2_store_configs,
+    }
+}
+
 fn m1_probe_calls(sim: &SimHandle) -> u64 {
     sim.counters()
         .by_route
@@ -685,7 +718,7 @@ fn probe_row(
     seen: &mut Seen,
 ) -> Result<(), String> {
     let logins = sim.counters().m1_logins;
-    let probes = m1_probe_calls(sim);
+    let probes = probe_calls(row.p, sim);
     inject(row, sim);
     match row.expect {
         Problem(want_state, want_kind) => {
@@ -788,7 +821,7 @@ fn probe_row(
                 }
                 Relogin => {
                     let t = Instant::now();
-                    while m1_probe_calls(sim) < probes + 3 {
+                    while probe_calls(row.p, sim) < probes + 3 {
                         if t.elapsed() > ROW_WAIT {
                             return Err(seen.fail(format!(
                                 "no probes after the expiry: {:?}",
@@ -822,7 +855,7 @@ fn probe_row(
         }
         Healthy => {
             let t = Instant::now();
-            while m1_probe_calls(sim) < probes + 3 {
+            while probe_calls(row.p, sim) < probes + 3 {
                 if t.elapsed() > ROW_WAIT {
                     return Err(seen.fail(format!("no probes: {:?}", sim.counters())));
                 }
@@ -1122,7 +1155,10 @@ fn matrix_covers_every_fault_mode() {
             | Fault::M1InfoFault { .. }
             | Fault::M1InfoWrongId { .. }
             | Fault::M1ListIgnoresRange
-            | Fault::M1HugeSession { .. } => true,
+            | Fault::M1HugeSession { .. }
+            | Fault::ShortTotal { .. }
+            | Fault::PartialListing { .. }
+            | Fault::Endless { .. } => true,
         }
     }
     // The platforms a mode concerns (each needs a probe and a sync row).
@@ -1132,6 +1168,9 @@ fn matrix_covers_every_fault_mode() {
             | Fault::M1InfoWrongId { .. }
             | Fault::M1ListIgnoresRange
             | Fault::M1HugeSession { .. } => &[M1],
+            Fault::ShortTotal { .. } | Fault::PartialListing { .. } | Fault::Endless { .. } => {
+                &[M2]
+            }
             _ => &[M1, M2],
         }
     }
@@ -1156,6 +1195,9 @@ fn matrix_covers_every_fault_mode() {
         Fault::M1HugeSession {
             bytes: HUGE_SESSION,
         },
+        Fault::ShortTotal { total: 3 },
+        Fault::PartialListing { items: 10 },
+        Fault::Endless { total: 1 },
     ];
     for m in modes.iter().filter(|m| listed(m)) {
         for &p in platforms(m) {

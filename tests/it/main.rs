@@ -7,6 +7,7 @@ mod harness;
 mod daemon;
 mod disk;
 mod faults;
+mod listing;
 mod m1_safety;
 mod operate;
 mod runs;
