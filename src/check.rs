@@ -735,7 +735,7 @@ mod tests {
             let r = check(&s).unwrap();
             assert!(r.ok(), "purge {purge}: {}", render(&r));
             assert!(r.notes.iter().any(|n| n.kind == "removal"));
-            s.finish_removal("a", purge).unwrap();
+            s.finish_removal_blocking("a", purge).unwrap();
             let r = check(&s).unwrap();
             assert!(r.ok(), "purge {purge}: {}", render(&r));
             assert!(s.pending_removals().unwrap().is_empty());
@@ -785,7 +785,7 @@ mod tests {
         assert!(r.ok(), "{}", render(&r));
         assert_eq!(r.leased, 1);
         q.unregister("a", true).unwrap();
-        s.finish_removal("a", true).unwrap();
+        s.finish_removal_blocking("a", true).unwrap();
         let book = crate::probe::HealthBook::open(s.clone()).unwrap();
         book.put("a", &crate::health::HealthRecord::default())
             .unwrap();

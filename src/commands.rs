@@ -24,13 +24,25 @@ fn fail(e: &ClientError) -> u8 {
 
 /// Prints a refused request and returns 1.
 fn refused(a: &Answer) -> u8 {
-    eprintln!("cobbyd: {}", a.error_message());
+    eprintln!("cobbyd: {}", esc(&a.error_message()));
     if let Ok(v) = a.json()
         && let Some(hint) = v["error"]["details"]["hint"].as_str()
     {
-        eprintln!("hint: {hint}");
+        eprintln!("hint: {}", esc(hint));
     }
     1
+}
+
+/// Text that may come from a shop, made safe to print (control and bidi
+/// characters escaped: [`crate::logging::escape`]). JSON output does not
+/// go through it.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    crate::logging::escape(s)
+}
+
+/// A string field of an answer, escaped for printing.
+fn text<'a>(v: &'a Value, default: &'a str) -> std::borrow::Cow<'a, str> {
+    esc(v.as_str().unwrap_or(default))
 }
 
 /// Colours for people; none for pipes or with `NO_COLOR`.
@@ -179,9 +191,9 @@ pub fn render_status(v: &Value, style: &Style) -> String {
             "\n{} {}: {} (since {})\n  hint: {}\n",
             style.state("storage"),
             p["kind"].as_str().unwrap_or("?"),
-            p["message"].as_str().unwrap_or(""),
+            text(&p["message"], ""),
             relative(p["since"].as_str()),
-            p["hint"].as_str().unwrap_or(""),
+            text(&p["hint"], ""),
         ));
     }
     if shops.is_empty() {
@@ -241,8 +253,8 @@ pub fn render_status(v: &Value, style: &Style) -> String {
         if let Some(p) = s.get("problem").filter(|p| !p.is_null()) {
             out.push_str(&format!(
                 "  ↳ {}: {} ({} attempt{}, since {})\n    hint: {}\n",
-                p["kind"].as_str().unwrap_or("?"),
-                p["message"].as_str().unwrap_or(""),
+                text(&p["kind"], "?"),
+                text(&p["message"], ""),
                 p["attempts"],
                 if p["attempts"].as_u64() == Some(1) {
                     ""
@@ -250,14 +262,14 @@ pub fn render_status(v: &Value, style: &Style) -> String {
                     "s"
                 },
                 relative(p["since"].as_str()),
-                p["hint"].as_str().unwrap_or(""),
+                text(&p["hint"], ""),
             ));
         }
         if let Some(e) = s["sync"].get("last_error").filter(|e| !e.is_null()) {
             out.push_str(&format!(
                 "  ↳ last sync failed: {}: {}\n",
-                e["kind"].as_str().unwrap_or("?"),
-                e["message"].as_str().unwrap_or("")
+                text(&e["kind"], "?"),
+                text(&e["message"], "")
             ));
         }
     }
@@ -289,7 +301,7 @@ pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
         Err(e) => return fail(&e),
     };
     if !a.status.is_success() {
-        eprintln!("cobbyd: {}", a.error_message());
+        eprintln!("cobbyd: {}", esc(&a.error_message()));
         return if a.status == hyper::StatusCode::NOT_FOUND {
             1
         } else {
@@ -305,12 +317,24 @@ pub async fn status(client: &Client, args: &StatusArgs) -> u8 {
     } else {
         print!("{}", render_status(&v, &Style::detect()));
     }
-    let unhealthy: Vec<&str> = v["shops"]
+    // Healthy: the probe passed and the last sync did not fail (`healthy`;
+    // an older daemon without the field is judged by its state).
+    let unhealthy: Vec<String> = v["shops"]
         .as_array()
         .map(|s| {
             s.iter()
-                .filter(|s| s["state"] != "healthy")
-                .filter_map(|s| s["name"].as_str())
+                .filter(|s| match s["healthy"].as_bool() {
+                    Some(h) => !h,
+                    None => s["state"] != "healthy",
+                })
+                .filter_map(|s| {
+                    let name = s["name"].as_str()?;
+                    Some(if s["state"] == "healthy" {
+                        format!("{name} (last sync failed)")
+                    } else {
+                        name.to_string()
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -393,7 +417,7 @@ fn print_json(v: &Value) {
 /// as `key=value` pairs.
 fn plain(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => esc(s).into_owned(),
         Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(", "),
         Value::Object(o) => o
             .iter()
@@ -622,7 +646,7 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                     v["latency_ms"],
                     v["version"]
                         .as_str()
-                        .map(|s| format!(", Magento {s}"))
+                        .map(|s| format!(", Magento {}", esc(s)))
                         .unwrap_or_default(),
                     v["product_count"]
                         .as_u64()
@@ -633,11 +657,11 @@ pub async fn shop(client: &Client, cmd: &ShopCommand) -> u8 {
                 let p = &v["problem"];
                 println!(
                     "{name}: {} — {}: {}",
-                    v["state"].as_str().unwrap_or("?"),
-                    p["kind"].as_str().unwrap_or("?"),
-                    p["message"].as_str().unwrap_or("")
+                    text(&v["state"], "?"),
+                    text(&p["kind"], "?"),
+                    text(&p["message"], "")
                 );
-                println!("hint: {}", p["hint"].as_str().unwrap_or(""));
+                println!("hint: {}", text(&p["hint"], ""));
             }
             if ok { 0 } else { 1 }
         }
@@ -776,7 +800,7 @@ async fn shop_add(client: &Client, a: &ShopAddArgs) -> u8 {
                 "{}: added ({}), state {}{}",
                 a.name,
                 a.platform,
-                v["state"].as_str().unwrap_or("unknown"),
+                text(&v["state"], "unknown"),
                 if a.no_verify {
                     " (not verified)"
                 } else {
@@ -884,11 +908,11 @@ fn print_run_end(shop: &str, run: &Value) -> u8 {
     if let Some(e) = run.get("error").filter(|e| !e.is_null()) {
         eprintln!(
             "cobbyd: {}: {}",
-            e["kind"].as_str().unwrap_or("?"),
-            e["message"].as_str().unwrap_or("")
+            text(&e["kind"], "?"),
+            text(&e["message"], "")
         );
         if let Some(h) = e["hint"].as_str() {
-            eprintln!("hint: {h}");
+            eprintln!("hint: {}", esc(h));
         }
     }
     1
@@ -1018,9 +1042,58 @@ pub async fn products(client: &Client, args: &ProductsArgs) -> u8 {
         path.push_str(&format!("&store_code={}", crate::magento::oauth::encode(c)));
     }
     let mut out = tokio::io::stdout();
-    match client.stream_to(&path, &mut out).await {
+    let warn = |h: &hyper::HeaderMap| {
+        let n = h
+            .get(crate::routes::EXPORT_PROBLEMS)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0");
+        if n == "0" {
+            return;
+        }
+        let skus: Vec<String> = h
+            .get(crate::routes::EXPORT_PROBLEM_SKUS)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| crate::logging::escape(&percent_decode(s)).into_owned())
+            .collect();
+        eprintln!(
+            "cobbyd: warning: {n} product(s) could not be exported as stored; each is exported with its problem in the `{}` column (SKU {}{})",
+            crate::export::PROBLEM_COLUMN,
+            skus.join(", "),
+            if n.parse::<usize>().is_ok_and(|n| n > skus.len()) {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    };
+    match client.stream_to(&path, &mut out, warn).await {
         Ok(Ok(())) => 0,
         Ok(Err(a)) => refused(&a),
         Err(e) => fail(&e),
     }
+}
+
+/// Undoes the percent-encoding of a header value (lossy for bytes that do
+/// not form UTF-8).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(n) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(n);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -156,10 +156,14 @@ impl Client {
         &self,
         path: &str,
         out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        on_headers: impl FnOnce(&hyper::HeaderMap),
     ) -> Result<Result<(), Answer>, ClientError> {
         use tokio::io::AsyncWriteExt;
         let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status();
+        if status.is_success() {
+            on_headers(resp.headers());
+        }
         let mut body = resp.into_body();
         if !status.is_success() {
             let limited = http_body_util::Limited::new(body, 1024 * 1024);

@@ -322,7 +322,7 @@ async fn async_main(config_arg: Option<PathBuf>, loaded: config::Loaded, log: Lo
         }
     };
     let flusher = store.spawn_flusher();
-    match store.finish_removals() {
+    match store.finish_removals().await {
         Ok(shops) if !shops.is_empty() => {
             tracing::warn!(shops = ?shops, "finished shop removals interrupted by a crash");
         }

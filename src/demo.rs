@@ -265,7 +265,7 @@ async fn demo(args: &DemoArgs, dir: &Path, daemon: &mut Option<Child>) -> u8 {
     );
     let mut export = Vec::new();
     match client
-        .stream_to("/v1/shops/demo/products?format=jsonl", &mut export)
+        .stream_to("/v1/shops/demo/products?format=jsonl", &mut export, |_| {})
         .await
     {
         Ok(Ok(())) => {

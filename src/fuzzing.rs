@@ -481,7 +481,7 @@ impl ControlHarness {
             d.registry.forget(&name);
             let _ = d.queue.unregister(&name, true);
             d.health.forget(&name);
-            let _ = d.store.finish_removal(&name, true);
+            let _ = d.store.finish_removal_blocking(&name, true);
         }
     }
 }

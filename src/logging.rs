@@ -3,10 +3,47 @@
 //! stderr otherwise. Event fields become journal fields in upper case, so
 //! `shop = "acme"` is queried with `journalctl -u cobbyd SHOP=acme`.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+/// True for the characters that must not reach a terminal or the journal
+/// as they are: control characters (ESC starts terminal escape sequences,
+/// CR/LF forge or split lines), the Unicode line and paragraph separators,
+/// and the bidirectional controls that reorder what is shown (U+202E
+/// "right-to-left override" makes `txt.exe` read as `exe.txt`).
+pub fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
+
+/// Text from outside (a shop's message, a product's field) made safe to
+/// show to a person or write to the journal: every character of
+/// [`needs_escape`] becomes a visible escape (`\n`, `\r`, `\t`, `\u{1b}`,
+/// `\u{202e}`); everything else is kept. The one escaping function of the
+/// daemon and the CLI; JSON output is not passed through it (serde escapes
+/// what JSON needs, and JSON consumers get the exact text).
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Changes the filter after a config reload.
 pub struct LogHandle {
@@ -67,6 +104,22 @@ fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
+/// Field formatting for readable lines: every value through [`escape`], so
+/// that text from a shop cannot split a log line (CR/LF) or reach the
+/// terminal as escape sequences, whatever event carries it.
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            write!(w, "{}", escape(&text))
+        } else {
+            write!(w, "{}={}", field.name(), escape(&text))
+        }
+    })
+    .delimited(" ")
+}
+
 /// Installs the global subscriber for the daemon.
 pub fn init_daemon(level: &str) -> LogHandle {
     let rust_log = rust_log();
@@ -93,6 +146,7 @@ pub fn init_daemon(level: &str) -> LogHandle {
         None => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .fmt_fields(escaped_fields())
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_target(false)
@@ -122,6 +176,20 @@ pub fn init_client() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_makes_controls_and_bidi_visible() {
+        assert_eq!(escape("plain Größe"), "plain Größe");
+        assert!(matches!(escape("plain"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape("a\x1b[2Jb\r\nstate healthy\u{202e}txt\u{7f}\t"),
+            "a\\u{1b}[2Jb\\r\\nstate healthy\\u{202e}txt\\u{7f}\\t"
+        );
+        assert_eq!(
+            escape("\u{2028}\u{2066}\u{85}"),
+            "\\u{2028}\\u{2066}\\u{85}"
+        );
+    }
 
     #[test]
     fn filters_with_multibyte_characters_are_refused_not_a_panic() {

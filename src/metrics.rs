@@ -183,9 +183,21 @@ pub fn render(d: &Daemon) -> String {
         "# HELP cobbyd_shop_health_state 1 for the shop's current health state, 0 for the others.\n# TYPE cobbyd_shop_health_state gauge"
     );
     let mut failures = String::new();
+    let mut healthy = String::new();
+    let mut sync_failed = String::new();
     for s in &shops {
         let h = d.health.get(&s.name);
         let name = label(&s.name);
+        let _ = writeln!(
+            healthy,
+            "cobbyd_shop_healthy{{shop=\"{name}\"}} {}",
+            u8::from(crate::sync::shop_healthy(d, &s.name))
+        );
+        let _ = writeln!(
+            sync_failed,
+            "cobbyd_shop_last_sync_failed{{shop=\"{name}\"}} {}",
+            u8::from(d.syncs.problem(&d.store, &s.name).is_some())
+        );
         for st in states {
             let _ = writeln!(
                 out,
@@ -205,6 +217,16 @@ pub fn render(d: &Daemon) -> String {
         "# HELP cobbyd_shop_consecutive_failures Failed probes in a row.\n# TYPE cobbyd_shop_consecutive_failures gauge"
     );
     out.push_str(&failures);
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_healthy 1 when the shop's last probe passed and its last sync did not fail (as `cobbyd status` judges it).\n# TYPE cobbyd_shop_healthy gauge"
+    );
+    out.push_str(&healthy);
+    let _ = writeln!(
+        out,
+        "# HELP cobbyd_shop_last_sync_failed 1 when the shop's last sync run failed.\n# TYPE cobbyd_shop_last_sync_failed gauge"
+    );
+    out.push_str(&sync_failed);
 
     let _ = writeln!(
         out,

@@ -211,7 +211,7 @@ pub fn log_transition(shop: &str, prev: &HealthRecord, next: &HealthRecord) {
             next_try = p.next_try.as_deref().unwrap_or(""),
             "shop is {}: {}",
             next.state.as_str(),
-            p.message
+            crate::logging::escape(&p.message)
         ),
     }
 }

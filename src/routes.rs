@@ -26,6 +26,13 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 type D = State<Arc<Daemon>>;
 
+/// Header of a CSV export: how many products are exported with a problem
+/// marked in their `_export_problem` column.
+pub const EXPORT_PROBLEMS: &str = "cobbyd-export-problems";
+/// Header of a CSV export: the first SKUs of those, percent-encoded,
+/// comma-separated.
+pub const EXPORT_PROBLEM_SKUS: &str = "cobbyd-export-problem-skus";
+
 /// The full control API.
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
@@ -239,13 +246,36 @@ fn refuse_while_stopping(d: &Daemon) -> Result<(), ApiError> {
     }
 }
 
-/// 200 `{"status":"ok"}` while serving; 503 while starting or draining,
+/// Most unhealthy shops `/health` names.
+const HEALTH_NAMES: usize = 20;
+
+/// 200 `{"status":"ok"}` while serving with every shop healthy, 200
+/// `{"status":"degraded","unhealthy_shops":N,"shops":[..]}` while serving
+/// with some shop unhealthy (its probe failed, or its last sync did:
+/// `sync::shop_healthy`, as in status); 503 while starting or draining,
 /// and 503 `{"status":"degraded","storage":{..}}` while the state directory
 /// cannot be written (status still answers; no job runs).
 async fn health(State(d): D) -> Response {
     match d.phase() {
         Phase::Running => match d.store.problem() {
-            None => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+            None => {
+                let unhealthy: Vec<String> = d
+                    .registry
+                    .names()
+                    .into_iter()
+                    .filter(|n| !crate::sync::shop_healthy(&d, n))
+                    .collect();
+                let body = if unhealthy.is_empty() {
+                    json!({"status": "ok"})
+                } else {
+                    json!({
+                        "status": "degraded",
+                        "unhealthy_shops": unhealthy.len(),
+                        "shops": unhealthy.iter().take(HEALTH_NAMES).collect::<Vec<_>>(),
+                    })
+                };
+                (StatusCode::OK, axum::Json(body)).into_response()
+            }
             Some(p) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 axum::Json(json!({"status": "degraded", "storage": p})),
@@ -321,6 +351,10 @@ pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
     });
     // Inserted, not written inside `json!`, which would deep-copy it.
     v["sync"] = d.syncs.status_json(d, rec);
+    // The probe passed and the last sync did not fail (the rule of
+    // `sync::shop_healthy`, from the values above).
+    v["healthy"] =
+        json!(h.state == crate::health::ShopState::Healthy && v["sync"]["problem"].is_null());
     v
 }
 
@@ -414,7 +448,7 @@ fn retained(d: &Daemon, name: &str) -> Result<Option<Vec<String>>, ApiError> {
 /// between is finished at the next start.
 async fn purge_mirror(d: &Daemon, name: &str) -> Result<(), ApiError> {
     d.queue.unregister(name, true)?;
-    d.store.finish_removal(name, true)?;
+    d.store.finish_removal(name, true).await?;
     d.store.flush().await?;
     tracing::info!(shop = %name, "retained mirror purged");
     Ok(())
@@ -534,16 +568,18 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         crate::tls::load_ca_file(path)
             .map_err(|e| ApiError::invalid(format!("tls_ca_file: {e}")))?;
     }
-    let _guard = d.admin.lock().await;
-    if d.registry.get(&body.name).is_some() {
-        return Err(ApiError::new(
+    let exists = || {
+        ApiError::new(
             StatusCode::CONFLICT,
             "exists",
             format!(
                 "a shop named {:?} exists; use `cobbyd shop rotate` to change its credentials",
                 body.name
             ),
-        ));
+        )
+    };
+    if d.registry.get(&body.name).is_some() {
+        return Err(exists());
     }
     let now = crate::probe::rfc3339(chrono::Utc::now());
     let insecure = shop::is_plain_http(&url);
@@ -559,6 +595,10 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         created_at: now.clone(),
         updated_at: now,
     };
+    // The probe runs outside the admin lock: a shop that never answers must
+    // not hold back the additions and removals of other shops. The name is
+    // checked again under the lock, so two additions of one name still
+    // register it once.
     let outcome = if body.no_verify {
         None
     } else {
@@ -573,6 +613,11 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         err.details = Some(diagnosis(e, &rec, crate::health::Doing::Adding));
         return Err(err);
     }
+    refuse_while_stopping(&d)?;
+    let _guard = d.admin.lock().await;
+    if d.registry.get(&body.name).is_some() {
+        return Err(exists());
+    }
     // The record and its jobs in one transaction: a crash never leaves a
     // registered shop without its jobs. A shop that answers gets its first
     // sync right away.
@@ -584,8 +629,9 @@ async fn add_shop(State(d): D, req: Request) -> ApiResult {
         .into_iter()
         .find(|(n, _)| *n == rec.name)
     {
-        d.store.finish_removal(&rec.name, purge)?;
+        d.store.finish_removal(&rec.name, purge).await?;
     }
+    d.syncs.registered(&rec.name);
     let mut jobs = d.first_jobs(&rec.name);
     if outcome.is_some() {
         jobs[1].1 = now_ms();
@@ -647,7 +693,8 @@ async fn remove_shop(
         return Err(ApiError::no_shop(&name));
     }
     // Forgotten in memory first, so that nothing new starts for the shop;
-    // its running sync stops at its next page. Then the stored record goes
+    // its running sync stops (its request in flight dropped) and a probe in
+    // flight ends, before this answers. Then the stored record goes
     // with its jobs, health, runs (and checkpoints with --purge) in one
     // transaction, and the trees are dropped after it (a crash before that
     // is finished at the next start): a crash at any point leaves the shop
@@ -666,7 +713,7 @@ async fn remove_shop(
         }
     };
     d.health.forget(&name);
-    d.store.finish_removal(&name, q.purge)?;
+    d.store.finish_removal(&name, q.purge).await?;
     d.store.flush().await?;
     tracing::info!(shop = %name, purge = q.purge, jobs, "shop removed");
     d.changed.notify_one();
@@ -951,6 +998,35 @@ async fn products(
         crate::export::Format::Jsonl => "application/x-ndjson",
         crate::export::Format::Csv => "text/csv; charset=utf-8",
     };
-    let body = Body::from_stream(crate::export::stream(mirror, format));
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    // A CSV export's first pass runs before the answer starts, so that the
+    // answer's headers can say which products have a problem.
+    let (mirror, plan) = if format == crate::export::Format::Csv {
+        let (mirror, plan) = tokio::task::spawn_blocking(move || {
+            let plan = crate::export::plan_csv(&mirror);
+            (mirror, plan)
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        (mirror, Some(plan.map_err(ApiError::internal)?))
+    } else {
+        (mirror, None)
+    };
+    let problems = plan.as_ref().map_or(0, |p| p.problems);
+    let skus = plan.as_ref().map_or(String::new(), |p| {
+        p.problem_skus
+            .iter()
+            .map(|s| crate::magento::oauth::encode(s))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let body = Body::from_stream(crate::export::stream(mirror, format, plan));
+    let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    if problems > 0 {
+        let h = resp.headers_mut();
+        h.insert(EXPORT_PROBLEMS, problems.into());
+        if let Ok(v) = header::HeaderValue::from_str(&skus) {
+            h.insert(EXPORT_PROBLEM_SKUS, v);
+        }
+    }
+    Ok(resp)
 }

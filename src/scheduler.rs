@@ -94,7 +94,16 @@ pub async fn run_probe(daemon: &Daemon, job: &Job) {
         let _ = daemon.queue.complete(job, None);
         return;
     };
-    let delay = probe_now(daemon, &rec).await;
+    // A removal ends the probe in flight: nothing reaches a removed shop
+    // once `shop remove` has answered.
+    let mut removed = daemon.syncs.removal(&rec.name);
+    let delay = tokio::select! {
+        d = probe_now(daemon, &rec) => d,
+        _ = removed.wait_for(|r| *r) => {
+            let _ = daemon.queue.complete(job, None);
+            return;
+        }
+    };
     first_sync_when_healthy(daemon, &rec);
     let next = now_ms() + delay.as_millis() as u64;
     if let Err(e) = daemon.queue.complete(job, Some(next)) {

@@ -15,9 +15,10 @@ use std::time::Duration;
 /// of the same host).
 pub(crate) const MAX_REDIRECTS: usize = 5;
 
-/// Longest `Retry-After` honoured: a shop asking for more is asked again
-/// after a day anyway.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Longest `Retry-After` read (a bound against overflow only): what is
+/// honoured is capped by the caller (the probe's `backoff_max`, the sync's
+/// `sync::MAX_RETRY_AFTER`), which can then say what the shop asked for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// The longest the TCP+TLS connection setup may take, within the request
 /// timeout.
@@ -612,7 +613,14 @@ mod tests {
             parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
             Some(Duration::ZERO)
         );
-        assert_eq!(parse_retry_after("999999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("999999999", now),
+            Some(Duration::from_secs(999_999_999))
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 

@@ -9,7 +9,7 @@
 //! | `GET /counters` | | [`Counters`](super::Counters) |
 //! | `POST /counters/reset` | | `{"ok":true}` |
 //! | `GET /fault` | | the current mode |
-//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"redirect","status":307,"to":URL\|"m1_info_fault","code":N,"every":N\|"m1_info_wrong_id","every":N\|"m1_list_ignores_range"\|"m1_huge_session","bytes":N\|"short_total","total":N\|"partial_listing","items":N\|"endless","total":N}` | the mode set |
+//! | `POST /fault` | `{"mode":"none"\|"down"\|"maintenance"\|"html200"\|"slow","ms":N\|"flaky","every":N\|"truncated"\|"garbage"\|"rate_limited","retry_after_s":N\|"redirect","status":307,"to":URL\|"m1_info_fault","code":N,"every":N\|"m1_info_wrong_id","every":N\|"m1_list_ignores_range"\|"m1_huge_session","bytes":N\|"short_total","total":N\|"partial_listing","items":N\|"endless","total":N\|"message","message":TEXT}` | the mode set |
 //! | `POST /acl/revoke`, `POST /acl/grant` | `{"resource":"Magento_Catalog::products"}` | `{"ok":true}` |
 //! | `POST /bearer` | `{"enabled":true}` | `{"ok":true}` |
 //! | `POST /sessions/expire` | | `{"ok":true}` |
@@ -17,6 +17,7 @@
 //! | `POST /products/touch_skus` | `{"skus":[...]}` | `{"ok":true}` |
 //! | `POST /products/delete_skus` | `{"skus":[...]}` | `{"skus":[...]}` (those that existed) |
 //! | `POST /products/set_updated_at` | `{"skus":[...],"updated_at":"YYYY-MM-DD HH:MM:SS"}` | `{"ok":true}` |
+//! | `POST /products/set_raw_attribute` | `{"sku":..,"attribute_code":..,"raw":"<JSON text>"}` | `{"ok":true}` (M2 answers carry it as is) |
 //! | `POST /products/change_silently` | `{"count":k}` | `{"skus":[...]}` (price changed, `updated_at` not) |
 //! | `POST /products/render_updated_at` | `{"skus":[...],"updated_at":"any text"}` | `{"ok":true}` |
 //! | `POST /products/render_id_zero` | | `{"sku":"..."}` (the lowest id renders as 0) |
@@ -141,6 +142,20 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Resp {
         }),
         (&Method::POST, "/products/delete_skus") => {
             skus().map(|s| json(200, &json!({"skus": sim.delete_skus(&s)})))
+        }
+        (&Method::POST, "/products/set_raw_attribute") => {
+            let field = |k: &str| {
+                body.get(k)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| boxed_bad("bad_request", &format!("expected \"{k}\"")))
+            };
+            match (field("sku"), field("attribute_code"), field("raw")) {
+                (Ok(sku), Ok(code), Ok(raw)) => match sim.set_raw_attribute(sku, code, raw) {
+                    Ok(()) => Ok(ok()),
+                    Err(e) => Err(boxed_bad("bad_request", &e)),
+                },
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+            }
         }
         (&Method::POST, "/products/set_updated_at") => skus().and_then(|s| {
             let ts = body

@@ -55,6 +55,15 @@ pub enum Fault {
         /// Base URL of the target, e.g. `http://127.0.0.2:8080`.
         to: String,
     },
+    /// The API routes fail with the shop's own error text: Magento 2
+    /// answers 500 `{"message": message}`, Magento 1 an XML-RPC fault 1
+    /// with `message` as its `faultString`. For text a shop controls
+    /// (control characters, CR/LF, bidi overrides) reaching status, the
+    /// CLI and the log.
+    Message {
+        /// The error text, sent as it is.
+        message: std::borrow::Cow<'static, str>,
+    },
     /// Magento 2 listings (`GET /V1/products`) answer `total_count` as at
     /// most `total`, while their pages stay as full as the catalog makes
     /// them: a listing that claims fewer products than it sends (a broken
@@ -123,6 +132,7 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::RateLimited { .. } => "rate_limited",
             Fault::Redirect { .. } => "redirect",
+            Fault::Message { .. } => "message",
             Fault::ShortTotal { .. } => "short_total",
             Fault::PartialListing { .. } => "partial_listing",
             Fault::Endless { .. } => "endless",
@@ -141,7 +151,8 @@ impl Fault {
     /// "total": 1000000000000}`, `{"mode": "m1_info_fault", "code": 101,
     /// "every": 1}`, `{"mode": "m1_info_wrong_id", "every": 2}`,
     /// `{"mode": "m1_list_ignores_range"}`, `{"mode": "m1_huge_session",
-    /// "bytes": 52428800}`, or a bare mode name.
+    /// "bytes": 52428800}`, `{"mode": "message", "message": "..."}`, or a
+    /// bare mode name.
     pub fn from_json(v: &serde_json::Value) -> Result<Fault, String> {
         let mode = v
             .get("mode")
@@ -182,6 +193,14 @@ impl Fault {
                     to: to.to_string(),
                 }
             }
+            "message" => Fault::Message {
+                message: v
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .ok_or("message needs \"message\" (the error text)")?
+                    .to_string()
+                    .into(),
+            },
             "short_total" => Fault::ShortTotal {
                 total: num("total").ok_or("short_total needs \"total\"")?,
             },
@@ -223,6 +242,7 @@ impl Fault {
                 v["status"] = (*status).into();
                 v["to"] = to.as_str().into();
             }
+            Fault::Message { message } => v["message"] = message.as_ref().into(),
             Fault::ShortTotal { total } | Fault::Endless { total } => v["total"] = (*total).into(),
             Fault::PartialListing { items } => v["items"] = (*items).into(),
             Fault::M1InfoFault { code, every } => {
@@ -280,6 +300,17 @@ pub fn rate_limited(retry_after_s: u64) -> Resp {
     r.headers_mut()
         .insert(hyper::header::RETRY_AFTER, retry_after_s.into());
     r
+}
+
+/// The shop's own error with `message`: 500 JSON on REST, an XML-RPC
+/// fault 1 on XML-RPC.
+pub fn message(xmlrpc: bool, message: &str) -> Resp {
+    if xmlrpc {
+        crate::sim::server::xml(crate::magento::xmlrpc::encode_fault(1, message))
+    } else {
+        let body = serde_json::json!({ "message": message });
+        json_bytes(500, body.to_string().into_bytes())
+    }
 }
 
 /// A redirect to `to` plus the request's path and query.
@@ -370,6 +401,9 @@ mod tests {
             Fault::Redirect {
                 status: 308,
                 to: "http://127.0.0.2:9".into(),
+            },
+            Fault::Message {
+                message: "Internal\u{1b}[2J\r\n\u{202e}".into(),
             },
             Fault::ShortTotal { total: 3 },
             Fault::PartialListing { items: 10 },

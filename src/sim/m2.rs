@@ -606,13 +606,19 @@ pub enum AttrValue {
     Text(String),
     /// `category_ids`.
     List(Vec<String>),
+    /// JSON text sent as it is ([`SimHandle::set_raw_attribute`]): what a
+    /// broken extension may put in an answer (nesting 100,000 deep, a
+    /// lone surrogate `"\ud800"`, control characters).
+    ///
+    /// [`SimHandle::set_raw_attribute`]: crate::sim::SimHandle::set_raw_attribute
+    Raw(Box<serde_json::value::RawValue>),
 }
 
 /// `custom_attributes[]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CustomAttribute {
     /// Attribute code.
-    pub attribute_code: &'static str,
+    pub attribute_code: std::borrow::Cow<'static, str>,
     /// Value.
     pub value: AttrValue,
 }
@@ -667,41 +673,41 @@ impl Item {
         let description = catalog::description_for(seed, r.id, lang);
         if !description.is_empty() {
             attrs.push(CustomAttribute {
-                attribute_code: "description",
+                attribute_code: "description".into(),
                 value: AttrValue::Text(description),
             });
         }
         attrs.push(CustomAttribute {
-            attribute_code: "meta_title",
+            attribute_code: "meta_title".into(),
             value: AttrValue::Text(name.clone()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "url_key",
+            attribute_code: "url_key".into(),
             value: AttrValue::Text(catalog::url_key_for(seed, r.id)),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "category_ids",
+            attribute_code: "category_ids".into(),
             value: AttrValue::List(cats.iter().map(u32::to_string).collect()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "options_container",
+            attribute_code: "options_container".into(),
             value: AttrValue::Text("container2".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "required_options",
+            attribute_code: "required_options".into(),
             value: AttrValue::Text("0".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "has_options",
+            attribute_code: "has_options".into(),
             value: AttrValue::Text("0".into()),
         });
         attrs.push(CustomAttribute {
-            attribute_code: "tax_class_id",
+            attribute_code: "tax_class_id".into(),
             value: AttrValue::Text("2".into()),
         });
         if let Some(c) = catalog::color_for(seed, r.id) {
             attrs.push(CustomAttribute {
-                attribute_code: "color",
+                attribute_code: "color".into(),
                 value: AttrValue::Text(c.to_string()),
             });
         }

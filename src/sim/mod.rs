@@ -330,6 +330,9 @@ impl Quirk {
 const MAX_QUIRKS: usize = 100_000;
 
 /// State shared by the handle, the listeners and every request.
+/// A custom attribute code and its value as raw JSON text.
+type RawAttribute = (String, Box<serde_json::value::RawValue>);
+
 struct Inner {
     cfg: SimConfig,
     /// The credentials accepted now (`cfg.credentials` at start; tests of
@@ -341,6 +344,9 @@ struct Inner {
     fault: Mutex<Fault>,
     /// Requests seen by `Fault::Flaky` (its own count, reset on set_fault).
     flaky_seen: AtomicU64,
+    /// Custom attributes sent as raw JSON text, by product id
+    /// ([`SimHandle::set_raw_attribute`]).
+    raw_attributes: Mutex<BTreeMap<u32, Vec<RawAttribute>>>,
     bearer: AtomicBool,
     revoked: Mutex<BTreeSet<String>>,
     nonces: Mutex<m2::NonceCache>,
@@ -358,6 +364,21 @@ struct Inner {
 }
 
 impl Inner {
+    /// Adds a product's raw custom attributes to its Magento 2 item.
+    fn add_raw_attributes(&self, item: &mut m2::Item) {
+        let raw = lock(&self.raw_attributes);
+        if let Some(attrs) = raw.get(&item.id) {
+            for (code, value) in attrs {
+                item.custom_attributes
+                    .retain(|a| a.attribute_code != code.as_str());
+                item.custom_attributes.push(m2::CustomAttribute {
+                    attribute_code: code.clone().into(),
+                    value: m2::AttrValue::Raw(value.clone()),
+                });
+            }
+        }
+    }
+
     fn is_revoked(&self, resource: &str) -> bool {
         let r = lock(&self.revoked);
         r.iter()
@@ -374,6 +395,7 @@ impl Inner {
         if let Some(q) = read(&self.quirks).get(&r.id) {
             q.apply(&mut item);
         }
+        self.add_raw_attributes(&mut item);
         item
     }
 
@@ -428,6 +450,7 @@ impl SimHandle {
             catalog: RwLock::new(catalog),
             fault: Mutex::new(Fault::None),
             flaky_seen: AtomicU64::new(0),
+            raw_attributes: Mutex::new(BTreeMap::new()),
             revoked: Mutex::new(BTreeSet::new()),
             nonces: Mutex::new(m2::NonceCache::default()),
             counters: CounterCells::default(),
@@ -568,6 +591,26 @@ impl SimHandle {
 
     /// Sets `updated_at` (`"YYYY-MM-DD HH:MM:SS"`, UTC) on the products with
     /// these SKUs. An unparseable timestamp changes nothing.
+    /// Makes the Magento 2 answers carry a custom attribute `code` of the
+    /// product `sku` whose value is `raw`, JSON text sent exactly as given
+    /// (it must be one JSON value to serde_json's lenient reading: nesting is
+    /// not limited and a lone surrogate `"\ud800"` passes), replacing an
+    /// attribute of that code. For answers that a broken extension or a
+    /// hostile shop could send. Magento 1 answers are not changed.
+    pub fn set_raw_attribute(&self, sku: &str, code: &str, raw: &str) -> Result<(), String> {
+        let id = read(&self.inner.catalog)
+            .find_sku(sku)
+            .map(|r| r.id)
+            .ok_or_else(|| format!("no product with SKU {sku:?}"))?;
+        let value = serde_json::value::RawValue::from_string(raw.to_string())
+            .map_err(|e| format!("raw is not one JSON value: {e}"))?;
+        let mut all = lock(&self.inner.raw_attributes);
+        let attrs = all.entry(id).or_default();
+        attrs.retain(|(c, _)| c != code);
+        attrs.push((code.to_string(), value));
+        Ok(())
+    }
+
     pub fn set_updated_at(&self, skus: &[String], ts: &str) {
         if let Some(secs) = catalog::parse_ts(ts).and_then(|s| u32::try_from(s).ok()) {
             self.set_updated_at_secs(skus, secs);

@@ -441,6 +441,12 @@ async fn shop_request(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Resp,
                 return Ok(faults::redirect(*status, to, pq));
             }
         }
+        Fault::Message { message } => {
+            if is_api {
+                bump(&c.faults_injected);
+                return Ok(faults::message(is_xmlrpc, message));
+            }
+        }
         Fault::Flaky { every } => {
             let n = inner.flaky_seen.fetch_add(1, Ordering::Relaxed) + 1;
             if *every > 0 && n % u64::from(*every) == 0 {

@@ -33,6 +33,15 @@ use tokio::sync::{Semaphore, watch};
 /// Attempts per request before a run fails.
 const REQUEST_ATTEMPTS: u32 = 5;
 
+/// The longest a run waits between attempts of a request. A shop that
+/// asks (`Retry-After`) for longer ends the run instead: waiting would keep
+/// the run (and its shop's lock) for nothing.
+pub const MAX_WAIT_IN_RUN: Duration = Duration::from_secs(30);
+
+/// The longest `Retry-After` honoured between runs: a shop that asks for
+/// more (a broken proxy sending `999999999`) gets its next sync after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -85,6 +94,9 @@ pub struct Progress {
     pub rate_per_s: f64,
     pub eta_s: Option<u64>,
     pub percent: Option<f64>,
+    /// Set while the run waits before retrying a request (its sync slot is
+    /// released meanwhile): what it waits for and how long.
+    pub waiting: Option<String>,
     /// The sync requests this run answers.
     pub sync_requests: Vec<u64>,
     #[serde(skip)]
@@ -268,24 +280,36 @@ impl SyncManager {
             .store(true, Ordering::Relaxed);
     }
 
-    /// Stops a shop's running sync at its next page (shop removed) and
-    /// waits (bounded) until it has, so nothing writes to the shop's trees
-    /// once this returns.
+    /// Stops a shop's sync (shop removed): the request in flight is
+    /// dropped (its connection closed), a retry wait ends, a page being
+    /// stored completes; then waits (bounded) until the run has ended, so
+    /// nothing talks to the shop or writes to its trees once this returns.
+    /// The shop's entry stays, cancelled, so that a job leased before the
+    /// removal and reaching [`run_job`] after it finds it cancelled too;
+    /// [`SyncManager::registered`] replaces it when the name is added again.
     pub async fn cancel(&self, name: &str, wait: Duration) {
-        let shop = self
-            .shops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(s) = shop {
-            s.cancel.send_replace(true);
-            if tokio::time::timeout(wait, s.lock.clone().lock_owned())
-                .await
-                .is_err()
-            {
-                tracing::warn!(shop = name, "the running sync did not stop in time");
-            }
+        let s = self.shop(name);
+        s.cancel.send_replace(true);
+        if tokio::time::timeout(wait, s.lock.clone().lock_owned())
+            .await
+            .is_err()
+        {
+            tracing::warn!(shop = name, "the running sync did not stop in time");
         }
+    }
+
+    /// A shop was (re-)registered: forgets a cancelled entry of a removed
+    /// shop of that name.
+    pub fn registered(&self, name: &str) {
+        let mut shops = self.shops.lock().unwrap_or_else(|e| e.into_inner());
+        if shops.get(name).is_some_and(|s| *s.cancel.borrow()) {
+            shops.remove(name);
+        }
+    }
+
+    /// Becomes true when the shop is removed (probes in flight end on it).
+    pub fn removal(&self, name: &str) -> watch::Receiver<bool> {
+        self.shop(name).cancel.subscribe()
     }
 
     /// The shop's last finished run (cached; see `ShopSync::last_run`).
@@ -482,6 +506,23 @@ impl SyncManager {
         out
     }
 
+    /// The last run failed: what status shows as the shop's sync problem
+    /// (`sync.problem`), `None` when the last run did not fail.
+    pub fn problem(&self, store: &Store, name: &str) -> Option<Value> {
+        let run = self.last_run(store, name)?;
+        if run.outcome != "failed" {
+            return None;
+        }
+        let e = run.error.unwrap_or_else(|| json!({}));
+        Some(json!({
+            "kind": e.get("kind").cloned().unwrap_or(Value::Null),
+            "message": e.get("message").cloned().unwrap_or(Value::Null),
+            "hint": e.get("hint").cloned().unwrap_or(Value::Null),
+            "since": run.ended_at,
+            "run_id": run.run_id,
+        }))
+    }
+
     /// The `sync` object of a shop's status.
     pub fn status_json(&self, d: &Daemon, rec: &ShopRecord) -> Value {
         let progress = self.progress(&rec.name);
@@ -510,8 +551,10 @@ impl SyncManager {
                 .and_then(|j| chrono::DateTime::from_timestamp_millis(j.due_ms as i64))
                 .map(rfc3339)
         };
+        let problem = self.problem(&d.store, &rec.name);
         let mut v = json!({
             "state": state,
+            "problem": problem,
             "progress": progress,
             "last_run": last_run,
             "last_error": last_error,
@@ -523,6 +566,13 @@ impl SyncManager {
         v["stores"] = Value::Object(stores);
         v
     }
+}
+
+/// The one rule status, `/health` and the metrics share: a shop is healthy
+/// when its last probe passed and its last sync run did not fail.
+pub fn shop_healthy(d: &Daemon, name: &str) -> bool {
+    d.health.get(name).state == crate::health::ShopState::Healthy
+        && d.syncs.problem(&d.store, name).is_none()
 }
 
 /// Runs one leased sync job and schedules the next.
@@ -563,13 +613,20 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
         _ = stop_wait.wait_for(|s| *s) => None,
     };
     shop.queued.fetch_sub(1, Ordering::Relaxed);
-    let Some((_guard, Ok(_permit))) = acquired else {
+    let Some((_guard, Ok(permit))) = acquired else {
         // Shutting down before it started: it runs at the next start.
         let _ = d.queue.complete(&job, Some(now_ms()));
         return;
     };
+    if *shop.cancel.borrow() {
+        // Removed while this job waited: nothing of it may be written.
+        let _ = d.queue.complete(&job, None);
+        return;
+    }
 
-    let outcome = run(d, &rec, &shop, full, stop).await;
+    let slot = Mutex::new(Some(permit));
+    let outcome = run(d, &rec, &shop, &slot, full, stop).await;
+    drop(slot);
     let next = match &outcome {
         Ok(()) => {
             let what = if full {
@@ -590,6 +647,11 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
                 crate::spread::Recurring::Sync
             };
             crate::spread::next_due_ms(&rec.name, what, now_ms(), interval)
+        }
+        // The shop asked to wait: honoured up to `MAX_RETRY_AFTER`.
+        Err(SyncError::Shop(e)) if e.retry_after.is_some() => {
+            let asked = e.retry_after.unwrap_or_default();
+            now_ms() + asked.clamp(MAX_WAIT_IN_RUN, MAX_RETRY_AFTER).as_millis() as u64
         }
         // Failed: try again soon (the probe decides whether the shop is up).
         Err(_) => now_ms() + interval.min(Duration::from_secs(120)).as_millis() as u64,
@@ -616,6 +678,8 @@ pub struct RunCtx<'a> {
     pub run_id: u64,
     pub full: bool,
     shop: &'a ShopSync,
+    /// The run's global sync slot: given back while the run waits to retry.
+    slot: &'a Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     stop: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
     pub last_item_error: Option<String>,
@@ -757,22 +821,30 @@ impl RunCtx<'_> {
             attempt += 1;
             let permit = {
                 let mut stop = self.stop.clone();
+                let mut cancel = self.cancel.clone();
                 tokio::select! {
                     p = self.shop.limiter.acquire() => p,
                     _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                    _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
                 }
             };
             self.update(|p| p.requests += 1);
             let timeout = self.cfg.sync.request_timeout;
-            let result = match tokio::time::timeout(timeout + Duration::from_secs(1), f()).await {
-                Ok(r) => r,
-                Err(_) => Err(ShopError::new(
-                    FailureKind::Timeout,
-                    format!(
-                        "{what}: no answer within {}",
-                        humantime::format_duration(timeout)
-                    ),
-                )),
+            // A removal drops the request in flight (closing its
+            // connection): nothing more reaches a removed shop.
+            let mut cancel = self.cancel.clone();
+            let result = tokio::select! {
+                r = tokio::time::timeout(timeout + Duration::from_secs(1), f()) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(ShopError::new(
+                        FailureKind::Timeout,
+                        format!(
+                            "{what}: no answer within {}",
+                            humantime::format_duration(timeout)
+                        ),
+                    )),
+                },
+                _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
             };
             match &result {
                 Ok(_) => permit.success(),
@@ -803,21 +875,57 @@ impl RunCtx<'_> {
                     if !retriable || attempt >= REQUEST_ATTEMPTS {
                         return Err(SyncError::Shop(e));
                     }
+                    if let Some(asked) = e.retry_after.filter(|d| *d > MAX_WAIT_IN_RUN) {
+                        return Err(SyncError::Shop(too_long_to_wait(e, asked)));
+                    }
                     let delay = crate::health::retry_delay(
                         &e,
                         attempt,
                         Duration::from_millis(500),
-                        Duration::from_secs(30),
+                        MAX_WAIT_IN_RUN,
                     );
-                    tracing::debug!(shop = %self.rec.name, attempt, kind = e.kind.as_str(), delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {}", e.message);
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
-                    }
+                    let shown = crate::logging::escape(&e.message);
+                    tracing::debug!(shop = %self.rec.name, attempt, kind = e.kind.as_str(), delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {shown}");
+                    self.wait(
+                        delay,
+                        &format!("{}: retrying in {}", e.kind.as_str(), span(delay)),
+                    )
+                    .await?;
                 }
             }
         }
+    }
+
+    /// Waits before a retry with the run's sync slot given back, so that a
+    /// shop that makes its syncs wait does not hold back other shops'; takes
+    /// a slot again after.
+    async fn wait(&self, delay: Duration, why: &str) -> Result<(), SyncError> {
+        let released = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let had_slot = released.is_some();
+        drop(released);
+        self.update(|p| p.waiting = Some(why.to_string()));
+        let mut stop = self.stop.clone();
+        let mut cancel = self.cancel.clone();
+        let result = async {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+            }
+            if had_slot {
+                let permits = self.d.syncs.permits.clone();
+                let permit = tokio::select! {
+                    p = permits.acquire_owned() => p.map_err(|_| SyncError::Interrupted)?,
+                    _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
+                    _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+                };
+                *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
+            }
+            Ok(())
+        }
+        .await;
+        self.update(|p| p.waiting = None);
+        result
     }
 
     /// Flushes the store: the durability point between pages.
@@ -832,10 +940,43 @@ impl RunCtx<'_> {
     }
 }
 
+/// The error of a run that stops because the shop asked to wait longer
+/// than a run waits: says what the daemon does instead.
+fn too_long_to_wait(mut e: ShopError, asked: Duration) -> ShopError {
+    let next = asked.clamp(MAX_WAIT_IN_RUN, MAX_RETRY_AFTER);
+    let capped = if asked > MAX_RETRY_AFTER {
+        format!(" (cobbyd waits at most {})", span(MAX_RETRY_AFTER))
+    } else {
+        String::new()
+    };
+    e.message = format!(
+        "{}; the shop asked to retry after {}; the run stops and the next sync tries in {}{capped}",
+        e.message,
+        span(asked),
+        span(next)
+    );
+    e.retry_after = Some(next);
+    e
+}
+
+/// A duration for people, in its largest unit: "30s", "10m", "31 years".
+pub fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        172_800..=63_071_999 => format!("{} days", s / 86_400),
+        _ => format!("{} years", s / 31_536_000),
+    }
+}
+
 async fn run(
     d: &Daemon,
     rec: &ShopRecord,
     shop: &ShopSync,
+    slot: &Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     full: bool,
     stop: watch::Receiver<bool>,
 ) -> Result<(), SyncError> {
@@ -892,6 +1033,7 @@ async fn run(
         run_id,
         full,
         shop,
+        slot,
         stop,
         cancel: shop.cancel.subscribe(),
         last_item_error: None,
@@ -1031,7 +1173,10 @@ async fn run(
         Ok(()) | Err(SyncError::Interrupted | SyncError::Cancelled) => {
             tracing::info!(shop = %rec.name, run = run_id, kind, outcome, fetched = p.done, created = p.created, updated = p.updated, deleted = p.deleted, "{msg}")
         }
-        Err(e) => tracing::warn!(shop = %rec.name, run = run_id, kind, outcome, "{msg}: {e}"),
+        Err(e) => {
+            let e = crate::logging::escape(&e.to_string()).into_owned();
+            tracing::warn!(shop = %rec.name, run = run_id, kind, outcome, "{msg}: {e}")
+        }
     }
     result
 }

@@ -212,6 +212,15 @@ const REDIRECT: Situation = Situation {
     inject: Inject::RedirectAway,
 };
 
+/// A shop error whose text tries to rewrite the terminal and forge lines.
+const MESSAGE_TEXT: &str = "Internal Error.\u{1b}[2J\r\nacme  magento2  healthy\u{202e}";
+const MESSAGE: Situation = Situation {
+    id: "message",
+    what: "the shop's error text carries control characters (ESC, CR/LF, bidi overrides): shown escaped",
+    inject: Inject::Mode(Fault::Message {
+        message: std::borrow::Cow::Borrowed(MESSAGE_TEXT),
+    }),
+};
 const M1_INFO_1: Situation = Situation {
     id: "m1info1",
     what: "Magento 1 `catalog_product.info` faults 1 (internal error) for some of the products the listing names",
@@ -314,6 +323,10 @@ const ROWS: &[Row] = &[
     row(&FLAKY, M2, Probe, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M1, Sync, Recovers(Some(K::ServerError), Retried)),
     row(&FLAKY, M2, Sync, Recovers(Some(K::ServerError), Retried)),
+    row(&MESSAGE, M1, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M2, Probe, Problem("degraded", K::ServerError)),
+    row(&MESSAGE, M1, Sync, RunFails(K::ServerError, ATTEMPTS)),
+    row(&MESSAGE, M2, Sync, RunFails(K::ServerError, ATTEMPTS)),
     row(&TRUNC, M1, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M2, Probe, Problem("degraded", K::Protocol)),
     row(&TRUNC, M1, Sync, RunFails(K::Protocol, ATTEMPTS)),
@@ -1152,6 +1165,7 @@ fn matrix_covers_every_fault_mode() {
             | Fault::Garbage
             | Fault::RateLimited { .. }
             | Fault::Redirect { .. }
+            | Fault::Message { .. }
             | Fault::M1InfoFault { .. }
             | Fault::M1InfoWrongId { .. }
             | Fault::M1ListIgnoresRange
@@ -1188,6 +1202,9 @@ fn matrix_covers_every_fault_mode() {
         Fault::Redirect {
             status: 307,
             to: REDIRECT_TO.to_string(),
+        },
+        Fault::Message {
+            message: MESSAGE_TEXT.into(),
         },
         Fault::M1InfoFault { code: 1, every: 3 },
         Fault::M1InfoWrongId { every: 2 },

@@ -10,6 +10,7 @@ mod faults;
 mod listing;
 mod m1_safety;
 mod operate;
+mod ops;
 mod runs;
 mod security;
 mod shops;
