@@ -67,6 +67,38 @@ impl fmt::Debug for M1Client {
     }
 }
 
+/// A decoded answer: the whole value, or an array streamed to a visitor.
+enum Answered {
+    Whole(Value),
+    Streamed,
+}
+
+/// What [`M1Client::with_session`] hands back: the value, or (streaming)
+/// the value when it was not an array.
+trait Streamed {
+    fn from_answer(a: Answered) -> Self;
+}
+
+impl Streamed for Value {
+    fn from_answer(a: Answered) -> Self {
+        match a {
+            Answered::Whole(v) => v,
+            // Only a call without a visitor yields this, and it never
+            // streams.
+            Answered::Streamed => Value::Nil,
+        }
+    }
+}
+
+impl Streamed for Option<Value> {
+    fn from_answer(a: Answered) -> Self {
+        match a {
+            Answered::Whole(v) => Some(v),
+            Answered::Streamed => None,
+        }
+    }
+}
+
 /// One HTTP exchange, before classification.
 struct Answer {
     status: u16,
@@ -175,9 +207,12 @@ impl M1Client {
     /// renewed once and the call repeated.
     pub async fn call(&self, method: &str, args: Vec<Value>) -> Result<Value, ShopError> {
         let args = Value::Array(args);
-        self.with_session("call", method, |sid| {
-            vec![Value::str(sid), Value::str(method), args.clone()]
-        })
+        self.with_session(
+            "call",
+            method,
+            |sid| vec![Value::str(sid), Value::str(method), args.clone()],
+            None,
+        )
         .await
     }
 
@@ -199,9 +234,12 @@ impl M1Client {
                 .collect(),
         );
         let answer = self
-            .with_session("multiCall", "multiCall", |sid| {
-                vec![Value::str(sid), payload.clone()]
-            })
+            .with_session(
+                "multiCall",
+                "multiCall",
+                |sid| vec![Value::str(sid), payload.clone()],
+                None,
+            )
             .await?;
         match answer {
             Value::Array(items) if items.len() == n => Ok(items
@@ -222,13 +260,99 @@ impl M1Client {
         }
     }
 
+    /// [`M1Client::multi_call`] without the whole answer in memory: each
+    /// call's result goes to `f` as soon as it is decoded (in order), so
+    /// only the answer's bytes and one result's tree are held at once. More
+    /// results than calls stop the decoding; fewer are refused afterwards.
+    pub async fn multi_call_each(
+        &self,
+        calls: Vec<(String, Vec<Value>)>,
+        f: &mut (dyn FnMut(Result<Value, Fault>) + Send),
+    ) -> Result<(), ShopError> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let n = calls.len();
+        let payload = Value::Array(
+            calls
+                .into_iter()
+                .map(|(m, args)| Value::Array(vec![Value::String(m), Value::Array(args)]))
+                .collect(),
+        );
+        let mut seen = 0usize;
+        let mut each = |item: Value| {
+            seen += 1;
+            if seen > n {
+                return Err(XmlRpcError::Refused(format!(
+                    "multiCall answered more than {n} results for {n} calls"
+                )));
+            }
+            f(match Fault::from_value(&item) {
+                Some(fault) => Err(fault),
+                None => Ok(item),
+            });
+            Ok(())
+        };
+        let answer = self
+            .with_session(
+                "multiCall",
+                "multiCall",
+                |sid| vec![Value::str(sid), payload.clone()],
+                Some(&mut each),
+            )
+            .await?;
+        match answer {
+            None if seen == n => Ok(()),
+            None => Err(ShopError::new(
+                FailureKind::Protocol,
+                format!("multiCall answered {seen} results for {n} calls"),
+            )),
+            Some(_) => Err(ShopError::new(
+                FailureKind::Protocol,
+                "multiCall did not answer a list",
+            )),
+        }
+    }
+
+    /// [`M1Client::list_products`] without the whole answer in memory: each
+    /// listed product goes to `f` as it is decoded; `f` may stop the
+    /// decoding (too many products, say) with an error.
+    pub async fn list_products_each(
+        &self,
+        filters: Value,
+        store: Option<&str>,
+        f: &mut (dyn FnMut(Value) -> Result<(), XmlRpcError> + Send),
+    ) -> Result<(), ShopError> {
+        let mut args = vec![filters];
+        if let Some(s) = store {
+            args.push(Value::str(s));
+        }
+        let args = Value::Array(args);
+        let method = "catalog_product.list";
+        match self
+            .with_session(
+                "call",
+                method,
+                |sid| vec![Value::str(sid), Value::str(method), args.clone()],
+                Some(f),
+            )
+            .await?
+        {
+            None => Ok(()),
+            Some(_) => Err(ShopError::new(
+                FailureKind::Protocol,
+                "catalog_product.list did not answer a list",
+            )),
+        }
+    }
+
     /// Ends the session at the shop (best effort) and forgets it.
     pub async fn end_session(&self) {
         let Some(sid) = self.inner.session.lock().await.take() else {
             return;
         };
         let r = self
-            .post("endSession", vec![Value::str(sid.expose())])
+            .post("endSession", vec![Value::str(sid.expose())], None)
             .await;
         debug!(shop = %self.inner.shop, ok = matches!(r, Ok(Ok(_))), "magento1 session ended");
     }
@@ -278,7 +402,11 @@ impl M1Client {
             Value::str(self.inner.api_user.as_str()),
             Value::str(self.inner.api_key.expose()),
         ];
-        match self.post("login", params).await? {
+        match self
+            .post("login", params, None)
+            .await?
+            .map(<Value as Streamed>::from_answer)
+        {
             Ok(Value::String(s)) if s.len() > MAX_SESSION_ID => Err(ShopError::new(
                 FailureKind::Protocol,
                 format!(
@@ -308,16 +436,20 @@ impl M1Client {
     /// Runs `rpc` (`call` or `multiCall`), whose first parameter is the
     /// session; on fault 5 logs in again once and repeats it. `label` names
     /// the API method in errors.
-    async fn with_session(
+    async fn with_session<'e, R: Streamed>(
         &self,
         rpc: &str,
         label: &str,
         build: impl Fn(&str) -> Vec<Value>,
-    ) -> Result<Value, ShopError> {
+        mut each: Option<&mut (dyn FnMut(Value) -> Result<(), XmlRpcError> + Send + 'e)>,
+    ) -> Result<R, ShopError> {
         let mut expired_once = false;
         loop {
             let sid = self.session().await?;
-            match self.post(rpc, build(sid.expose())).await? {
+            let answer = self
+                .post(rpc, build(sid.expose()), each.as_deref_mut())
+                .await?;
+            match answer.map(R::from_answer) {
                 Ok(v) => return Ok(v),
                 Err(f) if f.code == FAULT_SESSION_EXPIRED => {
                     self.forget(&sid).await;
@@ -342,7 +474,17 @@ impl M1Client {
     /// classified failure. Finds the endpoint on the first request (plain
     /// first, `index.php/` when that answers 404 or a non-XML-RPC 2xx) and
     /// sticks to it once the API has answered.
-    async fn post(&self, rpc: &str, params: Vec<Value>) -> Result<Result<Value, Fault>, ShopError> {
+    ///
+    /// With `each`, an array answer's elements go to it as they are
+    /// decoded and the value returned is `Nil` (see
+    /// [`xmlrpc::decode_response_each`]); a non-array answer is returned as
+    /// [`Streamed`] says.
+    async fn post<'e>(
+        &self,
+        rpc: &str,
+        params: Vec<Value>,
+        mut each: Option<&mut (dyn FnMut(Value) -> Result<(), XmlRpcError> + Send + 'e)>,
+    ) -> Result<Result<Answered, Fault>, ShopError> {
         let xml = xmlrpc::encode_call(rpc, &params)
             .map_err(|e| ShopError::new(FailureKind::Protocol, e.to_string()))?;
         let body = Bytes::from(xml);
@@ -351,7 +493,11 @@ impl M1Client {
         let mut first_failure: Option<ShopError> = None;
         for &p in candidates {
             let a = self.send(ENDPOINTS[p - 1], rpc, body.clone()).await?;
-            let decoded = xmlrpc::decode_response(&a.body);
+            let decoded = match each.as_deref_mut() {
+                None => xmlrpc::decode_response(&a.body).map(|r| r.map(Answered::Whole)),
+                Some(f) => xmlrpc::decode_response_each(&a.body, f)
+                    .map(|r| r.map(|v| v.map_or(Answered::Streamed, Answered::Whole))),
+            };
             let is_2xx = (200..300).contains(&a.status);
             let not_here = a.status == 404
                 || (is_2xx && matches!(decoded, Err(XmlRpcError::NotXmlRpc { .. })));
@@ -461,10 +607,10 @@ fn map_fault(method: &str, f: &Fault) -> ShopError {
 }
 
 /// Sorts an answer into a decoded XML-RPC result or a classified failure.
-fn classify(
+fn classify<T>(
     a: &Answer,
-    decoded: Result<Result<Value, Fault>, XmlRpcError>,
-) -> Result<Result<Value, Fault>, ShopError> {
+    decoded: Result<Result<T, Fault>, XmlRpcError>,
+) -> Result<Result<T, Fault>, ShopError> {
     let status = a.status;
     if let Some(e) = http::classify_common(status, &a.headers, decoded.is_ok(), &a.url) {
         return Err(e);

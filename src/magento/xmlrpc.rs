@@ -194,6 +194,10 @@ pub enum XmlRpcError {
     },
     #[error("cannot send {what} at {path}: Magento refuses it")]
     Unsendable { what: &'static str, path: String },
+    /// The caller of [`decode_response_each`] refused an item (too many, or
+    /// not what it asked for).
+    #[error("{0}")]
+    Refused(String),
 }
 
 // ---------------------------------------------------------------- encoding
@@ -590,6 +594,38 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// After `<value>`: an array's elements handed to `f` one at a time (so
+    /// that only one element's tree is alive at once), `None`; any other
+    /// value is returned whole.
+    fn value_or_each(
+        &mut self,
+        f: &mut dyn FnMut(Value) -> Result<(), XmlRpcError>,
+    ) -> Result<Option<Value>, XmlRpcError> {
+        let mut text = String::new();
+        loop {
+            match self.next()? {
+                Tok::Text(s) if s.trim().is_empty() => text.push_str(&s),
+                Tok::Start(n) if n == "array" => break,
+                Tok::End(n) if n == "value" => return Ok(Some(Value::String(text))),
+                t => {
+                    self.peeked = Some(t);
+                    return self.value(1).map(Some);
+                }
+            }
+        }
+        self.expect_start("data", "array")?;
+        loop {
+            match self.next_tag("data")? {
+                Tok::Start(n) if n == "value" => f(self.value(2)?)?,
+                Tok::End(n) if n == "data" => break,
+                t => return Err(unexpected(&t, "data")),
+            }
+        }
+        self.expect_end("array")?;
+        self.expect_end("value")?;
+        Ok(None)
+    }
+
     /// `<params>` body: `<param><value>..</value></param>*` up to `</params>`.
     fn params(&mut self) -> Result<Vec<Value>, XmlRpcError> {
         let mut out = Vec::new();
@@ -723,6 +759,53 @@ pub fn decode_response(xml: &[u8]) -> Result<Result<Value, Fault>, XmlRpcError> 
     Ok(out)
 }
 
+/// Like [`decode_response`], but when the answer is an array its elements
+/// go to `f` one by one as they are decoded, and `Ok(Ok(None))` is
+/// returned: memory holds the document and one element's tree, not the
+/// whole tree (a 60 MB answer of many small structs takes about twice its
+/// size as a tree). `f` may stop the decoding with an error. Any other
+/// answer comes back whole as `Ok(Ok(Some(value)))`.
+pub fn decode_response_each(
+    xml: &[u8],
+    f: &mut dyn FnMut(Value) -> Result<(), XmlRpcError>,
+) -> Result<Result<Option<Value>, Fault>, XmlRpcError> {
+    let mut p = Parser::new(xml)?;
+    root(&mut p, "methodResponse")?;
+    let out = match p.next_tag("methodResponse")? {
+        Tok::Start(n) if n == "params" => {
+            p.expect_start("param", "params")?;
+            p.expect_start("value", "param")?;
+            let v = p.value_or_each(f)?;
+            p.expect_end("param")?;
+            match p.next_tag("params")? {
+                Tok::End(n) if n == "params" => {}
+                Tok::Start(n) if n == "param" => {
+                    return Err(XmlRpcError::BadValue {
+                        what: "expected exactly one parameter, found",
+                        element: "params".into(),
+                        text: "more".into(),
+                    });
+                }
+                t => return Err(unexpected(&t, "params")),
+            }
+            Ok(v)
+        }
+        Tok::Start(n) if n == "fault" => {
+            p.expect_start("value", "fault")?;
+            let v = p.value(1)?;
+            p.expect_end("fault")?;
+            Err(Fault::from_value(&v).ok_or(XmlRpcError::Missing {
+                element: "fault".into(),
+                missing: "an integer faultCode",
+            })?)
+        }
+        t => return Err(unexpected(&t, "methodResponse")),
+    };
+    p.expect_end("methodResponse")?;
+    p.end_of_document("methodResponse")?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -818,6 +901,17 @@ mod tests {
             assert_eq!(m, "catalog_product.list");
             assert_eq!(params, vec![v.clone(), w], "case {i}: {call}");
             let resp = encode_response(&v);
+            let mut items = Vec::new();
+            let each = decode_response_each(resp.as_bytes(), &mut |x| {
+                items.push(x);
+                Ok(())
+            })
+            .unwrap()
+            .unwrap();
+            match each {
+                None => assert_eq!(Value::Array(items), v, "case {i}"),
+                Some(w) => assert!(items.is_empty() && w == v, "case {i}"),
+            }
             assert_eq!(decode_response(resp.as_bytes()).unwrap(), Ok(v), "case {i}");
         }
     }
@@ -1157,5 +1251,92 @@ bG8=</base64></value></member>
             check_len(MAX_DOCUMENT + 1),
             Err(XmlRpcError::TooLarge(MAX_DOCUMENT + 1))
         );
+    }
+}
+
+#[cfg(test)]
+mod memory {
+    //! Peak memory of decoding large answers. Not part of the normal run
+    //! (it allocates hundreds of MiB and reads the process's VmHWM):
+    //! `cargo test --release --lib xmlrpc::memory -- --ignored --nocapture --test-threads 1`.
+    use super::*;
+
+    fn hwm_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn reset_hwm() {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// A `catalog_product.list` answer of `n` entries, about 300 bytes each.
+    fn list_answer(n: usize) -> String {
+        let mut s = String::with_capacity(n * 330 + 200);
+        s.push_str("<?xml version=\"1.0\"?><methodResponse><params><param><value><array><data>");
+        for i in 0..n {
+            let _ = write!(
+                s,
+                "<value><struct><member><name>product_id</name><value><string>{i}</string></value></member><member><name>sku</name><value><string>SKU-{i:08}</string></value></member><member><name>name</name><value><string>Product number {i} with a name</string></value></member><member><name>set</name><value><string>4</string></value></member><member><name>type</name><value><string>simple</string></value></member></struct></value>"
+            );
+        }
+        s.push_str("</data></array></value></param></params></methodResponse>");
+        s
+    }
+
+    /// `n` tiny values in one array.
+    fn tiny_answer(n: usize) -> String {
+        let mut s = String::with_capacity(n * 30 + 200);
+        s.push_str("<methodResponse><params><param><value><array><data>");
+        for _ in 0..n {
+            s.push_str("<value><i4>1</i4></value>");
+        }
+        s.push_str("</data></array></value></param></params></methodResponse>");
+        s
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_of_a_60_mb_answer() {
+        for (what, doc) in [
+            ("list of 200k products", list_answer(200_000)),
+            ("2.4M tiny values", tiny_answer(2_400_000)),
+        ] {
+            let mb = doc.len() as f64 / 1e6;
+            reset_hwm();
+            let base = hwm_kib();
+            let v = decode_response(doc.as_bytes());
+            let peak = hwm_kib();
+            let n = match &v {
+                Ok(Ok(Value::Array(a))) => a.len(),
+                _ => 0,
+            };
+            drop(v);
+            reset_hwm();
+            let base2 = hwm_kib();
+            let mut m = 0usize;
+            let r = decode_response_each(doc.as_bytes(), &mut |v| {
+                m += usize::from(!matches!(v, Value::Nil));
+                Ok(())
+            });
+            assert!(matches!(r, Ok(Ok(None))));
+            let peak2 = hwm_kib();
+            eprintln!(
+                "{what}: streamed ({m} items): {:.1} MiB above the document",
+                (peak2.saturating_sub(base2)) as f64 / 1024.0
+            );
+            eprintln!(
+                "{what}: {mb:.1} MB document, {n} items: decoding peaked {:.1} MiB above the document ({:.1}x)",
+                (peak.saturating_sub(base)) as f64 / 1024.0,
+                (peak.saturating_sub(base)) as f64 * 1024.0 / doc.len() as f64
+            );
+        }
     }
 }

@@ -23,7 +23,7 @@
 
 use super::{RunCtx, SyncError, begin, delete_unseen};
 use crate::magento::m1::M1Client;
-use crate::magento::xmlrpc::{Fault, Value};
+use crate::magento::xmlrpc::{Fault, Value, XmlRpcError};
 use crate::magento::{FailureKind, ShopError};
 use crate::mirror::{Cursor, Item, Mirror};
 use crate::store::StoreError;
@@ -231,18 +231,80 @@ async fn shop_clock(
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
 }
 
-/// A `catalog_product.list` answer as (id, SKU), ascending, checked: every
-/// entry has both, every id is within `from..=to`, none twice.
-fn listed(list: &[Value], from: i64, to: i64) -> Result<Vec<(i64, String)>, SyncError> {
-    let asked = if to == i64::MAX {
+/// A listing entry as decoded: its `product_id` and `sku`, if any.
+type Entry = (Option<i64>, Option<String>);
+
+/// Lists with `filters`, keeping only each product's id and SKU as the
+/// answer is decoded (a listing's other fields are never held). An entry
+/// outside `from..=to`, or more than `cap` entries, stops the decoding at
+/// once and the run as `protocol` (not retried: the shop would answer the
+/// same).
+#[allow(clippy::too_many_arguments)]
+async fn list_entries(
+    ctx: &RunCtx<'_>,
+    client: &M1Client,
+    code: &str,
+    what: &str,
+    filters: &Value,
+    from: i64,
+    to: i64,
+    cap: usize,
+) -> Result<Vec<Entry>, SyncError> {
+    let (out, bad) = ctx
+        .request(what, || async move {
+            let mut out: Vec<Entry> = Vec::new();
+            let mut bad: Option<String> = None;
+            let r = client
+                .list_products_each(filters.clone(), Some(code), &mut |v| {
+                    let id = v.get("product_id").and_then(Value::as_i64);
+                    let outside = id.is_some_and(|id| id < from || id > to);
+                    if outside || out.len() >= cap {
+                        bad = Some(match id {
+                            Some(id) if outside => format!(
+                                "catalog_product.list for {} answered product {id}, outside that range: the shop ignores the product_id filter, so walking on would read the same products again and again; fix the shop's catalog_product.list (a module rewriting the product collection or its filters?), then sync again",
+                                asked(from, to)
+                            ),
+                            _ => format!(
+                                "catalog_product.list for {} answered more than {cap} products: the shop ignores the product_id filter; fix the shop's catalog_product.list, then sync again",
+                                asked(from, to)
+                            ),
+                        });
+                        return Err(XmlRpcError::Refused("listing refused".into()));
+                    }
+                    out.push((
+                        id,
+                        v.get("sku").and_then(Value::as_str).map(str::to_string),
+                    ));
+                    Ok(())
+                })
+                .await;
+            match (r, bad) {
+                (_, Some(b)) => Ok((Vec::new(), Some(b))),
+                (Ok(()), None) => Ok((out, None)),
+                (Err(e), None) => Err(e),
+            }
+        })
+        .await?;
+    match bad {
+        Some(b) => Err(protocol(b)),
+        None => Ok(out),
+    }
+}
+
+fn asked(from: i64, to: i64) -> String {
+    if to == i64::MAX {
         "the changed products".to_string()
     } else {
         format!("product_id {from}..{to}")
-    };
+    }
+}
+
+/// A `catalog_product.list` answer as (id, SKU), ascending, checked: every
+/// entry has both, every id is within `from..=to`, none twice.
+fn listed(list: Vec<Entry>, from: i64, to: i64) -> Result<Vec<(i64, String)>, SyncError> {
+    let asked = asked(from, to);
     let mut out = Vec::with_capacity(list.len());
-    for p in list {
-        let id = p.get("product_id").and_then(Value::as_i64);
-        let sku = p.get("sku").and_then(Value::as_str);
+    for (id, sku) in list {
         let (Some(id), Some(sku)) = (id, sku) else {
             return Err(protocol(format!(
                 "catalog_product.list for {asked} answered an entry without a numeric product_id or a sku: the listing cannot be trusted; check the shop's API module"
@@ -253,7 +315,7 @@ fn listed(list: &[Value], from: i64, to: i64) -> Result<Vec<(i64, String)>, Sync
                 "catalog_product.list for {asked} answered product {id}, outside that range: the shop ignores the product_id filter, so walking on would read the same products again and again; fix the shop's catalog_product.list (a module rewriting the product collection or its filters?), then sync again"
             )));
         }
-        out.push((id, sku.to_string()));
+        out.push((id, sku));
     }
     out.sort_unstable_by_key(|e| e.0);
     if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -295,13 +357,10 @@ async fn list_ranges(
             ("from".into(), Value::Int(start)),
             ("to".into(), Value::Int(end)),
         ]);
-        let list = ctx
-            .request("product list", || {
-                client.list_products(filters.clone(), Some(code))
-            })
-            .await?;
-        let entries = listed(&list, start, end)?;
-        drop(list);
+        let cap = usize::try_from(w).unwrap_or(usize::MAX);
+        let list =
+            list_entries(ctx, client, code, "product list", &filters, start, end, cap).await?;
+        let entries = listed(list, start, end)?;
         for (id, sku) in &entries {
             todo.insert(id.to_be_bytes(), sku.as_bytes())
                 .map_err(StoreError::from)?;
@@ -415,6 +474,23 @@ fn judge(id: i64, answer: Result<Value, Fault>) -> Got {
     }
 }
 
+/// One `multiCall` of `calls` (the details of `ids`), each result judged
+/// as soon as it is decoded: the answer's tree is never held whole.
+async fn details(
+    client: &M1Client,
+    calls: &[(String, Vec<Value>)],
+    ids: &[i64],
+) -> Result<Vec<Got>, ShopError> {
+    let mut got = Vec::with_capacity(ids.len());
+    client
+        .multi_call_each(calls.to_vec(), &mut |a| {
+            let id = ids.get(got.len()).copied().unwrap_or_default();
+            got.push(judge(id, a));
+        })
+        .await?;
+    Ok(got)
+}
+
 fn info_call(id: i64, code: &str) -> (String, Vec<Value>) {
     (
         "catalog_product.info".to_string(),
@@ -443,12 +519,13 @@ async fn fetch(
         .map(|b: Vec<(i64, String)>| async move {
             let calls: Vec<(String, Vec<Value>)> =
                 b.iter().map(|(id, _)| info_call(*id, code)).collect();
-            let answers = ctx_ref
-                .request("product details", || client.multi_call(calls.clone()))
+            let ids: Vec<i64> = b.iter().map(|(id, _)| *id).collect();
+            let got = ctx_ref
+                .request("product details", || details(client, &calls, &ids))
                 .await?;
             Ok(b.into_iter()
-                .zip(answers)
-                .map(|((id, sku), a)| (id, sku, judge(id, a)))
+                .zip(got)
+                .map(|((id, sku), g)| (id, sku, g))
                 .collect())
         })
         .buffered(concurrency.max(1))
@@ -469,15 +546,15 @@ async fn fetch(
     let retried: Vec<Result<Answer, SyncError>> = futures_util::stream::iter(again)
         .map(|(id, sku)| async move {
             let call = vec![info_call(id, code)];
-            let mut answers = ctx_ref
-                .request("product details", || client.multi_call(call.clone()))
+            let one = std::slice::from_ref(&id);
+            let mut got = ctx_ref
+                .request("product details", || details(client, &call, one))
                 .await?;
-            let got = match answers.pop() {
-                Some(a) => judge(id, a),
-                None => Got::Wrong(format!(
+            let got = got.pop().unwrap_or_else(|| {
+                Got::Wrong(format!(
                     "catalog_product.info for product {id} answered nothing"
-                )),
-            };
+                ))
+            });
             Ok((id, sku, got))
         })
         .buffered(concurrency.max(1))
@@ -602,17 +679,22 @@ async fn changed_since(
         "updated_at".into(),
         Value::Struct(vec![("gteq".into(), Value::String(since))]),
     )]);
-    let list = ctx
-        .request("changed products", || {
-            client.list_products(filters.clone(), Some(code))
-        })
-        .await?;
+    let list = list_entries(
+        ctx,
+        client,
+        code,
+        "changed products",
+        &filters,
+        1,
+        i64::MAX,
+        usize::MAX,
+    )
+    .await?;
     let done_up_to = run_field(cursor, |r| r.position).unwrap_or(0);
-    let entries: Vec<(i64, String)> = listed(&list, 1, i64::MAX)?
+    let entries: Vec<(i64, String)> = listed(list, 1, i64::MAX)?
         .into_iter()
         .filter(|(id, _)| *id > done_up_to)
         .collect();
-    drop(list);
     ctx.update(|p| p.total = Some(p.total.unwrap_or(0) + entries.len() as u64));
     let step = (ctx.cfg.sync.m1_batch_size as usize)
         .saturating_mul(ctx.cfg.sync.shop_concurrency)
