@@ -1,4 +1,4 @@
-//! Sync benchmark (DESIGN.md, "Performance targets").
+//! Sync benchmark (the performance targets in BENCHMARKS.md).
 //!
 //! `cargo bench --bench sync -- [--products N] [--page-size N] [--platform m2|m1]
 //! [--latency-ms N] [--concurrency N] [--json]`

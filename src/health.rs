@@ -106,7 +106,7 @@ pub fn state_for(err: &ShopError, failing_for: Duration, down_after: Duration) -
     }
 }
 
-/// What to tell the operator, following MAGENTO.md's table.
+/// What to tell the operator: the probable cause of what the daemon saw, and the fix.
 pub fn hint(kind: FailureKind, platform: Platform) -> &'static str {
     use FailureKind::*;
     let m2 = platform == Platform::Magento2;

@@ -1,6 +1,6 @@
 //! The Magento simulator: a fake shop that speaks Magento 2 REST and
 //! Magento 1 XML-RPC over real HTTP on 127.0.0.1, with the quirks real shops
-//! have (see `docs/MAGENTO.md`), a deterministic catalog of up to millions of
+//! have (paging, auth errors, HTML answers, maintenance, session expiry), a deterministic catalog of up to millions of
 //! products, and fault modes a test can switch at any moment.
 //!
 //! Tests, `cobbyd demo` and the benchmarks all use it. Start one with
