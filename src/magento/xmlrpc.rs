@@ -743,20 +743,23 @@ pub fn decode_response(xml: &[u8]) -> Result<Result<Value, Fault>, XmlRpcError> 
             }
             Ok(params.remove(0))
         }
-        Tok::Start(n) if n == "fault" => {
-            p.expect_start("value", "fault")?;
-            let v = p.value(1)?;
-            p.expect_end("fault")?;
-            Err(Fault::from_value(&v).ok_or(XmlRpcError::Missing {
-                element: "fault".into(),
-                missing: "an integer faultCode",
-            })?)
-        }
+        Tok::Start(n) if n == "fault" => Err(fault_body(&mut p)?),
         t => return Err(unexpected(&t, "methodResponse")),
     };
     p.expect_end("methodResponse")?;
     p.end_of_document("methodResponse")?;
     Ok(out)
+}
+
+/// The `<fault>` of a `methodResponse`, its start tag already read.
+fn fault_body(p: &mut Parser) -> Result<Fault, XmlRpcError> {
+    p.expect_start("value", "fault")?;
+    let v = p.value(1)?;
+    p.expect_end("fault")?;
+    Fault::from_value(&v).ok_or(XmlRpcError::Missing {
+        element: "fault".into(),
+        missing: "an integer faultCode",
+    })
 }
 
 /// Like [`decode_response`], but when the answer is an array its elements
@@ -790,15 +793,7 @@ pub fn decode_response_each(
             }
             Ok(v)
         }
-        Tok::Start(n) if n == "fault" => {
-            p.expect_start("value", "fault")?;
-            let v = p.value(1)?;
-            p.expect_end("fault")?;
-            Err(Fault::from_value(&v).ok_or(XmlRpcError::Missing {
-                element: "fault".into(),
-                missing: "an integer faultCode",
-            })?)
-        }
+        Tok::Start(n) if n == "fault" => Err(fault_body(&mut p)?),
         t => return Err(unexpected(&t, "methodResponse")),
     };
     p.expect_end("methodResponse")?;
