@@ -300,11 +300,14 @@ pub fn http_unix(
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
-    write!(
-        s,
+    // One write: `write!` on an unbuffered stream may split the request, and
+    // a body that arrives after the answer was sent is unread data at close
+    // (ECONNRESET on a Unix socket).
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: cobbyd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
