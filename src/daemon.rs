@@ -151,6 +151,43 @@ impl Daemon {
         line
     }
 
+    /// What `/metrics` shows besides the counters.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let shops = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|s| {
+                let h = self.health.get(&s.name);
+                let mirrors = s
+                    .store_codes
+                    .iter()
+                    .map(|code| {
+                        let n = crate::mirror::Mirror::open(&self.store, &s.name, code)
+                            .and_then(|m| m.cursor())
+                            .map(|c| c.products)
+                            .unwrap_or(0);
+                        (code.clone(), n)
+                    })
+                    .collect();
+                crate::metrics::ShopSnapshot {
+                    state: h.state,
+                    consecutive_failures: h.consecutive_failures,
+                    healthy: crate::sync::shop_healthy(self, &s.name),
+                    last_sync_failed: self.syncs.problem(&self.store, &s.name).is_some(),
+                    mirrors,
+                    concurrency_limit: self.syncs.limiter_status(&s.name).limit,
+                    name: s.name,
+                }
+            })
+            .collect();
+        crate::metrics::Snapshot {
+            uptime: self.started.elapsed(),
+            queue_depth: self.queue.depth(),
+            shops,
+        }
+    }
+
     /// A shop's recurring jobs with their first due times: probe, sync, full
     /// sync (in this order). A shop never probed (new, or added with
     /// --no-verify) is probed now; otherwise each job gets the shop's slot

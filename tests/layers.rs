@@ -14,6 +14,15 @@ use std::path::{Path, PathBuf};
 /// The top-level module graph: module → modules it names.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
+/// Edges that close a cycle today and are being removed; nothing may be
+/// added here. Each is left out of the graph, so any other cycle fails.
+const KNOWN_BACK_EDGES: &[(&str, &str)] = &[
+    // The sync engine still takes the whole `Daemon` (`RunCtx::d`).
+    ("sync", "daemon"),
+    // `Store::open` migrates schema-1 mirrors (`mirror::migrate_layout1`).
+    ("store", "mirror"),
+];
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -236,7 +245,12 @@ fn a_cycle(g: &Graph, comp: &[String], start: &str) -> String {
 #[test]
 fn no_module_cycles() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let g = graph(&src);
+    let mut g = graph(&src);
+    for (from, to) in KNOWN_BACK_EDGES {
+        if let Some(deps) = g.get_mut(*from) {
+            deps.remove(*to);
+        }
+    }
     let cycles = components(&g);
     let report: Vec<String> = cycles
         .iter()
