@@ -17,8 +17,9 @@
 //!   trees of a removal a crash interrupted (the next start drops them);
 //! - each mirror is consistent ([`crate::mirror::verify`]).
 
+use crate::layout::{self, Slot};
 use crate::mirror;
-use crate::queue::{self, JobKind, Slot};
+use crate::queue::{self, JobKind};
 use crate::shop::ShopRecord;
 use crate::store::{Store, StoreError};
 use serde::Serialize;
@@ -28,12 +29,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Trees every state directory has.
 const FIXED_TREES: [&str; 7] = [
     "__sled__default",
-    "shops",
-    "queue",
-    "health",
+    layout::SHOPS,
+    layout::QUEUE,
+    layout::HEALTH,
     "cursor",
-    "runs",
-    "meta",
+    layout::RUNS,
+    layout::META,
 ];
 
 /// One finding.
@@ -286,9 +287,9 @@ pub fn check(store: &Store) -> Result<Report, StoreError> {
     let mut orphan_runs: BTreeMap<String, usize> = BTreeMap::new();
     for k in store.runs().iter().keys() {
         let k = k?;
-        let shop = match k.len().checked_sub(9) {
-            Some(at) if k[at] == b'/' => String::from_utf8_lossy(&k[..at]).into_owned(),
-            _ => {
+        let shop = match layout::run_key_shop(&k) {
+            Some(shop) => shop,
+            None => {
                 r.problem(
                     "runs",
                     format!("{:?}", String::from_utf8_lossy(&k)),

@@ -6,9 +6,10 @@
 //! job between the two is one atomic sled batch. At most one pending job per
 //! (shop, kind) exists: scheduling again moves it instead of adding one.
 
+pub use crate::layout::Slot;
+use crate::layout::{self, PENDING_RANGE, lease_key, pending_key};
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{TransactionError, Transactional};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,28 +53,6 @@ impl Job {
     }
 }
 
-fn pending_key(due_ms: u64, seq: u64) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = b'p';
-    k[1..9].copy_from_slice(&due_ms.to_be_bytes());
-    k[9..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn lease_key(seq: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'l';
-    k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Where a queue entry sits, as its key says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    Pending { due_ms: u64, seq: u64 },
-    Leased { seq: u64 },
-}
-
 /// One raw entry of the `queue` tree, decoded as far as it goes (for
 /// `cobbyd check-state`).
 #[derive(Debug, Clone)]
@@ -91,16 +70,7 @@ pub fn raw_entries(store: &Store) -> Result<Vec<RawEntry>, StoreError> {
     let mut out = Vec::new();
     for item in store.queue().iter() {
         let (k, v) = item?;
-        let slot = match (k.first(), k.len()) {
-            (Some(b'p'), 17) => Some(Slot::Pending {
-                due_ms: u64::from_be_bytes(k[1..9].try_into().unwrap_or_default()),
-                seq: u64::from_be_bytes(k[9..17].try_into().unwrap_or_default()),
-            }),
-            (Some(b'l'), 9) => Some(Slot::Leased {
-                seq: u64::from_be_bytes(k[1..9].try_into().unwrap_or_default()),
-            }),
-            _ => None,
-        };
+        let slot = Slot::decode(&k);
         out.push(RawEntry {
             key: k.to_vec(),
             slot,
@@ -119,13 +89,6 @@ pub fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn tx_error(e: TransactionError<()>) -> StoreError {
-    match e {
-        TransactionError::Storage(e) => StoreError::Sled(e),
-        TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
-    }
 }
 
 /// The queue over the `queue` tree.
@@ -269,7 +232,7 @@ impl Queue {
     /// Leases the earliest job that is due, if any.
     pub fn lease_due(&self, now_ms: u64) -> Result<Option<Job>, StoreError> {
         let mut index = self.index();
-        let Some(first) = self.store.queue().range(&b"p"[..]..&b"q"[..]).next() else {
+        let Some(first) = self.store.queue().range(PENDING_RANGE).next() else {
             return Ok(None);
         };
         let (k, v) = first?;
@@ -343,18 +306,12 @@ impl Queue {
             }
             new.push(self.new_job(shop, kind, due_ms)?);
         }
-        let r: Result<(), TransactionError<()>> = (self.store.shops(), self.store.queue())
-            .transaction(|(s, q)| {
-                s.insert(shop.as_bytes(), record)?;
-                for k in &removes {
-                    q.remove(&k[..])?;
-                }
-                for (job, value) in &new {
-                    q.insert(&job.pending_key()[..], value.as_slice())?;
-                }
-                Ok(())
-            });
-        r.map_err(tx_error)?;
+        let add: Vec<(Vec<u8>, Vec<u8>)> = new
+            .iter()
+            .map(|(job, value)| (job.pending_key().to_vec(), value.clone()))
+            .collect();
+        let removes: Vec<Vec<u8>> = removes.iter().map(|k| k.to_vec()).collect();
+        layout::register(&self.store, shop, record, &removes, &add)?;
         for (job, _) in new {
             index.insert((shop.to_string(), job.kind), job);
         }
@@ -363,12 +320,13 @@ impl Queue {
         Ok(())
     }
 
-    /// Unregisters a shop in one transaction: its record, every job of it
-    /// (pending and leased), its health record and runs and, with `purge`,
-    /// its checkpoints, plus a marker for what a transaction cannot do
-    /// (dropping its scratch and, with `purge`, mirror trees:
-    /// [`Store::finish_removal`], also run at start-up after a crash). So a
-    /// crash leaves the shop registered with everything, or gone.
+    /// Unregisters a shop in one transaction ([`layout::unregister`]):
+    /// its record, every job of it (pending and leased), its health record
+    /// and runs and, with `purge`, its checkpoints, plus a marker for what a
+    /// transaction cannot do (dropping its scratch and, with `purge`, mirror
+    /// trees: [`Store::finish_removal`], also run at start-up after a
+    /// crash). So a crash leaves the shop registered with everything, or
+    /// gone.
     /// Returns the number of jobs removed.
     pub fn unregister(&self, shop: &str, purge: bool) -> Result<usize, StoreError> {
         let mut index = self.index();
@@ -379,48 +337,7 @@ impl Queue {
                 jobs.push(k);
             }
         }
-        let prefix = format!("{shop}/");
-        let runs: Vec<sled::IVec> = self
-            .store
-            .runs()
-            .scan_prefix(prefix.as_bytes())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        let cursors: Vec<sled::IVec> = if purge {
-            self.store
-                .cursor()
-                .scan_prefix(prefix.as_bytes())
-                .keys()
-                .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
-        };
-        let marker = crate::store::removing_key(shop);
-        let store = &self.store;
-        let r: Result<(), TransactionError<()>> = (
-            store.shops(),
-            store.queue(),
-            store.health(),
-            store.runs(),
-            store.cursor(),
-            store.meta(),
-        )
-            .transaction(|(s, q, h, r, c, m)| {
-                s.remove(shop.as_bytes())?;
-                h.remove(shop.as_bytes())?;
-                for k in &jobs {
-                    q.remove(k)?;
-                }
-                for k in &runs {
-                    r.remove(k)?;
-                }
-                for k in &cursors {
-                    c.remove(k)?;
-                }
-                m.insert(marker.as_slice(), &[u8::from(purge)][..])?;
-                Ok(())
-            });
-        r.map_err(tx_error)?;
+        layout::unregister(&self.store, shop, purge, &jobs)?;
         index.retain(|(s, _), _| s != shop);
         Ok(jobs.len())
     }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// 2: mirrors split into a SKU index and a data tree
 /// ([`crate::mirror::migrate_layout1`] upgrades schema 1).
 pub const SCHEMA_VERSION: u32 = 2;
-const SCHEMA_KEY: &[u8] = b"schema_version";
+use crate::layout::{self, SCHEMA_KEY};
 /// Pending flush requests; more wait for room (callers are async).
 const FLUSH_QUEUE: usize = 1024;
 
@@ -288,7 +288,7 @@ impl Store {
         // sled creates its files with the process umask; the state holds
         // credentials, so make the directory private whatever the umask.
         let _ = std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o700));
-        let meta = db.open_tree("meta")?;
+        let meta = db.open_tree(layout::META)?;
         let found = match meta.get(SCHEMA_KEY)? {
             None => None,
             Some(v) => Some(
@@ -312,11 +312,11 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
-                shops: db.open_tree("shops")?,
-                queue: db.open_tree("queue")?,
-                health: db.open_tree("health")?,
+                shops: db.open_tree(layout::SHOPS)?,
+                queue: db.open_tree(layout::QUEUE)?,
+                health: db.open_tree(layout::HEALTH)?,
                 cursor: db.open_tree("cursor")?,
-                runs: db.open_tree("runs")?,
+                runs: db.open_tree(layout::RUNS)?,
                 meta,
                 db,
                 flush_tx,
@@ -399,10 +399,9 @@ impl Store {
     /// but whose trees may not all be dropped yet: (name, purge).
     pub fn pending_removals(&self) -> Result<Vec<(String, bool)>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.inner.meta.scan_prefix(REMOVING_PREFIX) {
+        for kv in self.inner.meta.scan_prefix(layout::REMOVING_PREFIX) {
             let (k, v) = kv?;
-            let name = String::from_utf8_lossy(&k[REMOVING_PREFIX.len()..]).into_owned();
-            out.push((name, v.first() == Some(&1)));
+            out.extend(layout::decode_removing(&k, &v));
         }
         Ok(out)
     }
@@ -491,7 +490,7 @@ impl Store {
             }
             self.inner.db.drop_tree(&name)?;
         }
-        self.inner.meta.remove(removing_key(shop))?;
+        self.inner.meta.remove(layout::removing_key(shop))?;
         Ok(())
     }
 
@@ -509,7 +508,7 @@ impl Store {
             }
             self.inner.db.drop_tree(&name)?;
         }
-        self.inner.meta.remove(removing_key(shop))?;
+        self.inner.meta.remove(layout::removing_key(shop))?;
         Ok(())
     }
 
@@ -614,18 +613,18 @@ impl Store {
     /// reused if nothing that recorded it reached the disk either (sled
     /// recovers writes in order).
     pub fn next_run_id(&self) -> Result<u64, StoreError> {
-        self.next_seq("run_seq")
+        self.next_seq(layout::RUN_SEQ)
     }
 
     /// The next sync request id (`meta.request_seq`), like
     /// [`Store::next_run_id`]: never reused, so a client's id cannot name
     /// someone else's request after a restart.
     pub fn next_request_id(&self) -> Result<u64, StoreError> {
-        self.next_seq("request_seq")
+        self.next_seq(layout::REQUEST_SEQ)
     }
 
-    fn next_seq(&self, key: &str) -> Result<u64, StoreError> {
-        let next = self.inner.meta.update_and_fetch(key.as_bytes(), |old| {
+    fn next_seq(&self, key: &[u8]) -> Result<u64, StoreError> {
+        let next = self.inner.meta.update_and_fetch(key, |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_be_bytes);
@@ -633,7 +632,12 @@ impl Store {
         })?;
         next.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_be_bytes)
-            .ok_or_else(|| StoreError::Corrupt(format!("meta.{key} is not 8 bytes")))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "meta.{} is not 8 bytes",
+                    String::from_utf8_lossy(key)
+                ))
+            })
     }
 
     /// The disk trouble that stopped writes, if any.
@@ -741,16 +745,6 @@ fn record_problem(slot: &watch::Sender<Option<StorageProblem>>, p: StorageProble
         *cur = Some(p);
         true
     });
-}
-
-const REMOVING_PREFIX: &[u8] = b"removing:";
-
-/// `meta` key marking a shop removal whose trees are still to drop; its
-/// value is `[1]` with `--purge`, `[0]` without.
-pub fn removing_key(shop: &str) -> Vec<u8> {
-    let mut k = REMOVING_PREFIX.to_vec();
-    k.extend_from_slice(shop.as_bytes());
-    k
 }
 
 /// `products:{shop}:{store}` (the SKU index); names and codes cannot

@@ -1189,19 +1189,14 @@ async fn run(
     result
 }
 
-fn run_key(shop: &str, run_id: u64) -> Vec<u8> {
-    let mut k = format!("{shop}/").into_bytes();
-    k.extend_from_slice(&run_id.to_be_bytes());
-    k
-}
-
 fn save_run(store: &Store, r: &RunRecord, keep: usize) -> Result<(), StoreError> {
     let v = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.runs().insert(run_key(&r.shop, r.run_id), v)?;
-    let prefix = format!("{}/", r.shop);
+    store
+        .runs()
+        .insert(crate::layout::run_key(&r.shop, r.run_id), v)?;
     let keys: Vec<sled::IVec> = store
         .runs()
-        .scan_prefix(prefix.as_bytes())
+        .scan_prefix(crate::layout::runs_prefix(&r.shop))
         .keys()
         .filter_map(Result::ok)
         .collect();
@@ -1216,10 +1211,9 @@ fn save_run(store: &Store, r: &RunRecord, keep: usize) -> Result<(), StoreError>
 /// No run of the shop was ever recorded and no store view has a
 /// checkpoint or products: its first sync is still to come.
 pub fn never_synced(d: &Daemon, rec: &ShopRecord) -> bool {
-    let prefix = format!("{}/", rec.name);
     if d.store
         .runs()
-        .scan_prefix(prefix.as_bytes())
+        .scan_prefix(crate::layout::runs_prefix(&rec.name))
         .next()
         .is_some()
     {
@@ -1233,16 +1227,18 @@ pub fn never_synced(d: &Daemon, rec: &ShopRecord) -> bool {
 
 /// One recorded run of a shop.
 pub fn run_record(store: &Store, shop: &str, run_id: u64) -> Option<RunRecord> {
-    let v = store.runs().get(run_key(shop, run_id)).ok()??;
+    let v = store
+        .runs()
+        .get(crate::layout::run_key(shop, run_id))
+        .ok()??;
     serde_json::from_slice(&v).ok()
 }
 
 /// The newest recorded run that answers request `id`.
 fn find_run_of_request(store: &Store, shop: &str, id: u64) -> Option<RunRecord> {
-    let prefix = format!("{shop}/");
     store
         .runs()
-        .scan_prefix(prefix.as_bytes())
+        .scan_prefix(crate::layout::runs_prefix(shop))
         .rev()
         .filter_map(|r| r.ok())
         .filter_map(|(_, v)| serde_json::from_slice::<RunRecord>(&v).ok())
@@ -1251,10 +1247,9 @@ fn find_run_of_request(store: &Store, shop: &str, id: u64) -> Option<RunRecord> 
 
 /// The last `n` runs of a shop, oldest first.
 pub fn recent_runs(store: &Store, shop: &str, n: usize) -> Result<Vec<RunRecord>, StoreError> {
-    let prefix = format!("{shop}/");
     let mut out: Vec<RunRecord> = store
         .runs()
-        .scan_prefix(prefix.as_bytes())
+        .scan_prefix(crate::layout::runs_prefix(shop))
         .rev()
         .take(n)
         .filter_map(|r| r.ok())
