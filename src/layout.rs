@@ -1,7 +1,8 @@
 //! The layout of the control state in sled: every control tree's name and
 //! every key encoding, and the transactions that span several trees
-//! (registering and unregistering a shop). [`crate::store`] opens the trees
-//! by these names; [`crate::queue`], the run records and `cobbyd
+//! (registering and unregistering a shop, over [`ControlTrees`]).
+//! [`crate::store`] opens the trees by these names (and sits above this
+//! module: nothing here knows the store); [`crate::queue`], the run records and `cobbyd
 //! check-state` encode and decode keys only through here, so a key format
 //! is written down once.
 //!
@@ -16,7 +17,6 @@
 //! The mirror's trees (`cursor`, `products:`, `docs:`, `scratch:`) are the
 //! mirror's layout ([`crate::mirror`]).
 
-use crate::store::{Store, StoreError};
 use sled::transaction::{TransactionError, Transactional};
 
 /// name → shop record.
@@ -128,10 +128,23 @@ pub fn decode_removing(k: &[u8], v: &[u8]) -> Option<(String, bool)> {
     ))
 }
 
-fn tx_error(e: TransactionError<()>) -> StoreError {
+/// The control trees a multi-tree transaction writes (the store lends
+/// them: `Store::control_trees`).
+pub struct ControlTrees<'a> {
+    pub shops: &'a sled::Tree,
+    pub queue: &'a sled::Tree,
+    pub health: &'a sled::Tree,
+    pub runs: &'a sled::Tree,
+    /// The mirror's checkpoints (a purge removes them with the shop).
+    pub cursor: &'a sled::Tree,
+    pub meta: &'a sled::Tree,
+}
+
+fn tx_error(e: TransactionError<()>) -> sled::Error {
     match e {
-        TransactionError::Storage(e) => StoreError::Sled(e),
-        TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
+        TransactionError::Storage(e) => e,
+        // The closures below never abort.
+        TransactionError::Abort(()) => sled::Error::Unsupported("transaction aborted".into()),
     }
 }
 
@@ -139,46 +152,44 @@ fn tx_error(e: TransactionError<()>) -> StoreError {
 /// (`remove`: pending keys replaced; `add`: (key, job) to store), so a
 /// registered shop always has its jobs and no job outlives its shop.
 pub fn register(
-    store: &Store,
+    t: &ControlTrees<'_>,
     shop: &str,
     record: &[u8],
     remove: &[Vec<u8>],
     add: &[(Vec<u8>, Vec<u8>)],
-) -> Result<(), StoreError> {
-    let r: Result<(), TransactionError<()>> =
-        (store.shops(), store.queue()).transaction(|(s, q)| {
-            s.insert(shop.as_bytes(), record)?;
-            for k in remove {
-                q.remove(k.as_slice())?;
-            }
-            for (k, v) in add {
-                q.insert(k.as_slice(), v.as_slice())?;
-            }
-            Ok(())
-        });
+) -> Result<(), sled::Error> {
+    let r: Result<(), TransactionError<()>> = (t.shops, t.queue).transaction(|(s, q)| {
+        s.insert(shop.as_bytes(), record)?;
+        for k in remove {
+            q.remove(k.as_slice())?;
+        }
+        for (k, v) in add {
+            q.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    });
     r.map_err(tx_error)
 }
 
 /// Unregisters a shop in one transaction: its record, the queue keys
 /// `jobs`, its health record and runs and, with `purge`, its checkpoints,
 /// plus the removal marker for what a transaction cannot do (dropping
-/// trees: [`Store::finish_removal`]). A crash leaves the shop registered
+/// trees: `Store::finish_removal`). A crash leaves the shop registered
 /// with everything, or gone.
 pub fn unregister(
-    store: &Store,
+    t: &ControlTrees<'_>,
     shop: &str,
     purge: bool,
     jobs: &[sled::IVec],
-) -> Result<(), StoreError> {
+) -> Result<(), sled::Error> {
     let prefix = runs_prefix(shop);
-    let runs: Vec<sled::IVec> = store
-        .runs()
+    let runs: Vec<sled::IVec> = t
+        .runs
         .scan_prefix(&prefix)
         .keys()
         .collect::<Result<_, _>>()?;
     let cursors: Vec<sled::IVec> = if purge {
-        store
-            .cursor()
+        t.cursor
             .scan_prefix(&prefix)
             .keys()
             .collect::<Result<_, _>>()?
@@ -186,15 +197,8 @@ pub fn unregister(
         Vec::new()
     };
     let marker = removing_key(shop);
-    let r: Result<(), TransactionError<()>> = (
-        store.shops(),
-        store.queue(),
-        store.health(),
-        store.runs(),
-        store.cursor(),
-        store.meta(),
-    )
-        .transaction(|(s, q, h, r, c, m)| {
+    let r: Result<(), TransactionError<()>> =
+        (t.shops, t.queue, t.health, t.runs, t.cursor, t.meta).transaction(|(s, q, h, r, c, m)| {
             s.remove(shop.as_bytes())?;
             h.remove(shop.as_bytes())?;
             for k in jobs {

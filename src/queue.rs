@@ -311,7 +311,7 @@ impl Queue {
             .map(|(job, value)| (job.pending_key().to_vec(), value.clone()))
             .collect();
         let removes: Vec<Vec<u8>> = removes.iter().map(|k| k.to_vec()).collect();
-        layout::register(&self.store, shop, record, &removes, &add)?;
+        layout::register(&self.store.control_trees(), shop, record, &removes, &add)?;
         for (job, _) in new {
             index.insert((shop.to_string(), job.kind), job);
         }
@@ -337,7 +337,7 @@ impl Queue {
                 jobs.push(k);
             }
         }
-        layout::unregister(&self.store, shop, purge, &jobs)?;
+        layout::unregister(&self.store.control_trees(), shop, purge, &jobs)?;
         index.retain(|(s, _), _| s != shop);
         Ok(jobs.len())
     }

@@ -522,6 +522,19 @@ impl Store {
         Ok(pending.into_iter().map(|(s, _)| s).collect())
     }
 
+    /// The control trees, for the transactions of [`crate::layout`].
+    pub fn control_trees(&self) -> layout::ControlTrees<'_> {
+        let i = &self.inner;
+        layout::ControlTrees {
+            shops: &i.shops,
+            queue: &i.queue,
+            health: &i.health,
+            runs: &i.runs,
+            cursor: &i.cursor,
+            meta: &i.meta,
+        }
+    }
+
     /// name → shop record.
     pub fn shops(&self) -> &sled::Tree {
         &self.inner.shops
