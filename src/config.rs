@@ -211,6 +211,54 @@ pub struct Loaded {
     pub path: Option<PathBuf>,
 }
 
+/// A reload: the configuration in force and the one just read. Each part
+/// of the daemon applies what concerns it; [`ConfigChange::restart_keys`]
+/// names the changed keys that only a restart applies.
+#[derive(Debug, Clone)]
+pub struct ConfigChange {
+    pub old: std::sync::Arc<Config>,
+    pub new: std::sync::Arc<Config>,
+}
+
+/// Whether a key differs between two configurations.
+type Changed = fn(&Config, &Config) -> bool;
+
+/// Keys read once at start-up (the socket and the database are open, the
+/// listener bound): a reload cannot apply them.
+const RESTART_ONLY: &[(&str, Changed)] = &[
+    ("daemon.state_dir", |a, b| {
+        a.daemon.state_dir != b.daemon.state_dir
+    }),
+    ("daemon.socket", |a, b| a.daemon.socket != b.daemon.socket),
+    ("daemon.socket_group", |a, b| {
+        a.daemon.socket_group != b.daemon.socket_group
+    }),
+    ("daemon.max_connections", |a, b| {
+        a.daemon.max_connections != b.daemon.max_connections
+    }),
+    ("daemon.cache_mb", |a, b| {
+        a.daemon.cache_mb != b.daemon.cache_mb
+    }),
+    ("metrics.listen", |a, b| {
+        a.metrics.listen != b.metrics.listen
+    }),
+];
+
+impl ConfigChange {
+    pub fn new(old: std::sync::Arc<Config>, new: std::sync::Arc<Config>) -> ConfigChange {
+        ConfigChange { old, new }
+    }
+
+    /// The changed keys that take effect only at the next restart.
+    pub fn restart_keys(&self) -> Vec<&'static str> {
+        RESTART_ONLY
+            .iter()
+            .filter(|(_, changed)| changed(&self.old, &self.new))
+            .map(|(key, _)| *key)
+            .collect()
+    }
+}
+
 /// Reads the configuration. `explicit` is `--config`: when given, the file
 /// must exist; the default path may be absent (built-in defaults apply).
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
@@ -668,6 +716,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         load_with_env(Some(f.path()), env)
+    }
+
+    #[test]
+    fn a_reload_names_only_the_changed_keys_a_restart_applies() {
+        let old = load_text("[daemon]\nlog_level = \"info\"\n", &[]).unwrap();
+        let new = load_text(
+            "[daemon]\nlog_level = \"debug\"\nsocket = \"/tmp/other.sock\"\n[sync]\npage_size = 50\n",
+            &[],
+        )
+        .unwrap();
+        let change = ConfigChange::new(old.config.clone().into(), new.config.clone().into());
+        assert_eq!(change.restart_keys(), ["daemon.socket"]);
+        let same = ConfigChange::new(old.config.clone().into(), old.config.into());
+        assert!(same.restart_keys().is_empty());
     }
 
     /// Found by the `config` fuzz target: the variable `COBBYD__` (no key)

@@ -14,6 +14,7 @@ pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod lifecycle;
 pub mod logging;
 pub mod magento;
 pub mod metrics;

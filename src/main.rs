@@ -3,7 +3,7 @@
 
 use clap::{CommandFactory, Parser};
 use cobbyd::cli::{Cli, Command};
-use cobbyd::{commands, config, control_client::Client, daemon};
+use cobbyd::{commands, config, control_client::Client, daemon, lifecycle};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -30,7 +30,7 @@ fn dispatch(cli: Cli) -> u8 {
         quiet_sigpipe();
     }
     match cli.command {
-        Command::Run(_) => daemon::run(cli.config),
+        Command::Run(_) => lifecycle::run(cli.config),
         Command::CheckConfig(_) => match config::load(cli.config.as_deref()) {
             Ok(l) => {
                 match &l.path {

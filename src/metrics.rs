@@ -1,8 +1,12 @@
 //! Prometheus metrics in the text exposition format, served at `/metrics`
 //! on the control socket (and on `metrics.listen` when set). Every per-shop
 //! series carries `shop="NAME"`; series of removed shops disappear.
+//!
+//! [`Metrics`] holds the counters and histograms the daemon adds to;
+//! [`Metrics::render`] writes them with a [`Snapshot`] of the rest (shops,
+//! health, mirrors, queue), which the caller gathers: this module reads no
+//! other part of the daemon.
 
-use crate::daemon::Daemon;
 use crate::health::ShopState;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -135,6 +139,30 @@ impl Metrics {
     }
 }
 
+/// What the exposition shows besides the counters, gathered by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub uptime: Duration,
+    pub queue_depth: usize,
+    /// Registered shops, by name.
+    pub shops: Vec<ShopSnapshot>,
+}
+
+/// One registered shop, as the metrics show it.
+#[derive(Debug, Clone, Default)]
+pub struct ShopSnapshot {
+    pub name: String,
+    pub state: ShopState,
+    pub consecutive_failures: u32,
+    /// As `cobbyd status` judges it (`sync::shop_healthy`).
+    pub healthy: bool,
+    pub last_sync_failed: bool,
+    /// (store code, products in its mirror).
+    pub mirrors: Vec<(String, u64)>,
+    /// Requests a sync may have in flight now.
+    pub concurrency_limit: usize,
+}
+
 /// Escapes a label value.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -142,102 +170,140 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The whole exposition.
-pub fn render(d: &Daemon) -> String {
-    let mut out = String::with_capacity(4096);
-    let shops = d.registry.list();
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_build_info Build information.\n# TYPE cobbyd_build_info gauge"
-    );
+/// `# HELP` and `# TYPE` of a metric.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A metric with one sample per shop.
+fn per_shop<T: std::fmt::Display>(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    shops: &[ShopSnapshot],
+    value: impl Fn(&ShopSnapshot) -> T,
+) {
+    header(out, name, kind, help);
+    for s in shops {
+        let _ = writeln!(out, "{name}{{shop=\"{}\"}} {}", label(&s.name), value(s));
+    }
+}
+
+const HEALTH_STATES: [ShopState; 6] = [
+    ShopState::Unknown,
+    ShopState::Healthy,
+    ShopState::Degraded,
+    ShopState::Down,
+    ShopState::AuthFailed,
+    ShopState::Misconfigured,
+];
+
+impl Metrics {
+    /// The whole exposition.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut out = String::with_capacity(4096);
+        render_daemon(&mut out, snap);
+        render_shops(&mut out, &snap.shops);
+        let i = self.inner();
+        i.render_histograms(&mut out, &snap.shops);
+        i.render_counters(&mut out, &snap.shops);
+        drop(i);
+        per_shop(
+            &mut out,
+            (
+                "cobbyd_shop_concurrency_limit",
+                "gauge",
+                "Requests a sync may have in flight against the shop now (halved on backpressure, grows back by one).",
+            ),
+            &snap.shops,
+            |s| s.concurrency_limit,
+        );
+        header(
+            &mut out,
+            "cobbyd_queue_depth",
+            "gauge",
+            "Jobs in the durable queue.",
+        );
+        let _ = writeln!(out, "cobbyd_queue_depth {}", snap.queue_depth);
+        out
+    }
+}
+
+/// Build, uptime, shop count.
+fn render_daemon(out: &mut String, snap: &Snapshot) {
+    header(out, "cobbyd_build_info", "gauge", "Build information.");
     let _ = writeln!(
         out,
         "cobbyd_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    let _ = writeln!(
+    header(
         out,
-        "# HELP cobbyd_uptime_seconds Seconds since the daemon started.\n# TYPE cobbyd_uptime_seconds gauge"
+        "cobbyd_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
     );
-    let _ = writeln!(
-        out,
-        "cobbyd_uptime_seconds {}",
-        d.started.elapsed().as_secs()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_shops Registered shops.\n# TYPE cobbyd_shops gauge\ncobbyd_shops {}",
-        shops.len()
-    );
+    let _ = writeln!(out, "cobbyd_uptime_seconds {}", snap.uptime.as_secs());
+    header(out, "cobbyd_shops", "gauge", "Registered shops.");
+    let _ = writeln!(out, "cobbyd_shops {}", snap.shops.len());
+}
 
-    let states = [
-        ShopState::Unknown,
-        ShopState::Healthy,
-        ShopState::Degraded,
-        ShopState::Down,
-        ShopState::AuthFailed,
-        ShopState::Misconfigured,
-    ];
-    let _ = writeln!(
+/// Health, failures, the shared health rule, mirrors.
+fn render_shops(out: &mut String, shops: &[ShopSnapshot]) {
+    header(
         out,
-        "# HELP cobbyd_shop_health_state 1 for the shop's current health state, 0 for the others.\n# TYPE cobbyd_shop_health_state gauge"
+        "cobbyd_shop_health_state",
+        "gauge",
+        "1 for the shop's current health state, 0 for the others.",
     );
-    let mut failures = String::new();
-    let mut healthy = String::new();
-    let mut sync_failed = String::new();
-    for s in &shops {
-        let h = d.health.get(&s.name);
-        let name = label(&s.name);
-        let _ = writeln!(
-            healthy,
-            "cobbyd_shop_healthy{{shop=\"{name}\"}} {}",
-            u8::from(crate::sync::shop_healthy(d, &s.name))
-        );
-        let _ = writeln!(
-            sync_failed,
-            "cobbyd_shop_last_sync_failed{{shop=\"{name}\"}} {}",
-            u8::from(d.syncs.problem(&d.store, &s.name).is_some())
-        );
-        for st in states {
+    for s in shops {
+        for st in HEALTH_STATES {
             let _ = writeln!(
                 out,
-                "cobbyd_shop_health_state{{shop=\"{name}\",state=\"{}\"}} {}",
+                "cobbyd_shop_health_state{{shop=\"{}\",state=\"{}\"}} {}",
+                label(&s.name),
                 st.as_str(),
-                u8::from(h.state == st)
+                u8::from(s.state == st)
             );
         }
-        let _ = writeln!(
-            failures,
-            "cobbyd_shop_consecutive_failures{{shop=\"{name}\"}} {}",
-            h.consecutive_failures
-        );
     }
-    let _ = writeln!(
+    per_shop(
         out,
-        "# HELP cobbyd_shop_consecutive_failures Failed probes in a row.\n# TYPE cobbyd_shop_consecutive_failures gauge"
+        (
+            "cobbyd_shop_consecutive_failures",
+            "gauge",
+            "Failed probes in a row.",
+        ),
+        shops,
+        |s| s.consecutive_failures,
     );
-    out.push_str(&failures);
-    let _ = writeln!(
+    per_shop(
         out,
-        "# HELP cobbyd_shop_healthy 1 when the shop's last probe passed and its last sync did not fail (as `cobbyd status` judges it).\n# TYPE cobbyd_shop_healthy gauge"
+        (
+            "cobbyd_shop_healthy",
+            "gauge",
+            "1 when the shop's last probe passed and its last sync did not fail (as `cobbyd status` judges it).",
+        ),
+        shops,
+        |s| u8::from(s.healthy),
     );
-    out.push_str(&healthy);
-    let _ = writeln!(
+    per_shop(
         out,
-        "# HELP cobbyd_shop_last_sync_failed 1 when the shop's last sync run failed.\n# TYPE cobbyd_shop_last_sync_failed gauge"
+        (
+            "cobbyd_shop_last_sync_failed",
+            "gauge",
+            "1 when the shop's last sync run failed.",
+        ),
+        shops,
+        |s| u8::from(s.last_sync_failed),
     );
-    out.push_str(&sync_failed);
-
-    let _ = writeln!(
+    header(
         out,
-        "# HELP cobbyd_products_in_mirror Products in the local mirror.\n# TYPE cobbyd_products_in_mirror gauge"
+        "cobbyd_products_in_mirror",
+        "gauge",
+        "Products in the local mirror.",
     );
-    for s in &shops {
-        for code in &s.store_codes {
-            let n = crate::mirror::Mirror::open(&d.store, &s.name, code)
-                .and_then(|m| m.cursor())
-                .map(|c| c.products)
-                .unwrap_or(0);
+    for s in shops {
+        for (code, n) in &s.mirrors {
             let _ = writeln!(
                 out,
                 "cobbyd_products_in_mirror{{shop=\"{}\",store=\"{}\"}} {n}",
@@ -246,114 +312,167 @@ pub fn render(d: &Daemon) -> String {
             );
         }
     }
+}
 
-    let i = d.metrics.inner();
-    let known = |shop: &str| shops.iter().any(|s| s.name == shop);
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_probe_duration_seconds Probe latency.\n# TYPE cobbyd_probe_duration_seconds histogram"
-    );
-    for (shop, h) in i.probe_latency.iter().filter(|(s, _)| known(s)) {
-        h.render(
-            &mut out,
+impl Inner {
+    /// Probe latency and sync duration, for registered shops only.
+    fn render_histograms(&self, out: &mut String, shops: &[ShopSnapshot]) {
+        let known = |shop: &str| shops.iter().any(|s| s.name == shop);
+        header(
+            out,
             "cobbyd_probe_duration_seconds",
-            &format!("shop=\"{}\"", label(shop)),
-            &PROBE_BUCKETS,
+            "histogram",
+            "Probe latency.",
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_sync_duration_seconds Duration of finished sync runs.\n# TYPE cobbyd_sync_duration_seconds histogram"
-    );
-    for ((shop, kind), h) in i.sync_duration.iter().filter(|((s, _), _)| known(s)) {
-        h.render(
-            &mut out,
+        for (shop, h) in self.probe_latency.iter().filter(|(s, _)| known(s)) {
+            let labels = format!("shop=\"{}\"", label(shop));
+            h.render(
+                out,
+                "cobbyd_probe_duration_seconds",
+                &labels,
+                &PROBE_BUCKETS,
+            );
+        }
+        header(
+            out,
             "cobbyd_sync_duration_seconds",
-            &format!("shop=\"{}\",kind=\"{kind}\"", label(shop)),
-            &SYNC_BUCKETS,
+            "histogram",
+            "Duration of finished sync runs.",
         );
-    }
-    for (metric, help, pick) in [
-        (
-            "cobbyd_products_fetched_total",
-            "Products fetched from the shop.",
-            0,
-        ),
-        (
-            "cobbyd_products_created_total",
-            "Products new to the mirror.",
-            1,
-        ),
-        (
-            "cobbyd_products_updated_total",
-            "Products changed in the mirror.",
-            2,
-        ),
-        (
-            "cobbyd_products_deleted_total",
-            "Products removed from the mirror.",
-            3,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for s in &shops {
-            let c = i.sync_counts.get(&s.name).copied().unwrap_or_default();
-            let v = [c.fetched, c.created, c.updated, c.deleted][pick];
-            let _ = writeln!(out, "{metric}{{shop=\"{}\"}} {v}", label(&s.name));
+        for ((shop, kind), h) in self.sync_duration.iter().filter(|((s, _), _)| known(s)) {
+            let labels = format!("shop=\"{}\",kind=\"{kind}\"", label(shop));
+            h.render(out, "cobbyd_sync_duration_seconds", &labels, &SYNC_BUCKETS);
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_last_successful_sync_timestamp_seconds End of the last successful sync (Unix time).\n# TYPE cobbyd_last_successful_sync_timestamp_seconds gauge"
-    );
-    for (shop, t) in i.last_success.iter().filter(|(s, _)| known(s)) {
-        let _ = writeln!(
+
+    /// Product, request and backpressure counters, the last success.
+    fn render_counters(&self, out: &mut String, shops: &[ShopSnapshot]) {
+        let known = |shop: &str| shops.iter().any(|s| s.name == shop);
+        let counts = |s: &ShopSnapshot| self.sync_counts.get(&s.name).copied().unwrap_or_default();
+        for (metric, help, pick) in [
+            (
+                "cobbyd_products_fetched_total",
+                "Products fetched from the shop.",
+                0,
+            ),
+            (
+                "cobbyd_products_created_total",
+                "Products new to the mirror.",
+                1,
+            ),
+            (
+                "cobbyd_products_updated_total",
+                "Products changed in the mirror.",
+                2,
+            ),
+            (
+                "cobbyd_products_deleted_total",
+                "Products removed from the mirror.",
+                3,
+            ),
+        ] {
+            per_shop(out, (metric, "counter", help), shops, |s| {
+                let c = counts(s);
+                [c.fetched, c.created, c.updated, c.deleted][pick]
+            });
+        }
+        header(
             out,
-            "cobbyd_last_successful_sync_timestamp_seconds{{shop=\"{}\"}} {t}",
-            label(shop)
+            "cobbyd_last_successful_sync_timestamp_seconds",
+            "gauge",
+            "End of the last successful sync (Unix time).",
+        );
+        for (shop, t) in self.last_success.iter().filter(|(s, _)| known(s)) {
+            let _ = writeln!(
+                out,
+                "cobbyd_last_successful_sync_timestamp_seconds{{shop=\"{}\"}} {t}",
+                label(shop)
+            );
+        }
+        header(
+            out,
+            "cobbyd_shop_requests_total",
+            "counter",
+            "Requests to shops by outcome.",
+        );
+        for ((shop, outcome), n) in self.requests.iter().filter(|((s, _), _)| known(s)) {
+            let _ = writeln!(
+                out,
+                "cobbyd_shop_requests_total{{shop=\"{}\",outcome=\"{}\"}} {n}",
+                label(shop),
+                label(outcome)
+            );
+        }
+        per_shop(
+            out,
+            (
+                "cobbyd_shop_backpressure_total",
+                "counter",
+                "Shop answers that asked to slow down (429, 503, Retry-After).",
+            ),
+            shops,
+            |s| self.backpressure.get(&s.name).copied().unwrap_or(0),
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_shop_requests_total Requests to shops by outcome.\n# TYPE cobbyd_shop_requests_total counter"
-    );
-    for ((shop, outcome), n) in i.requests.iter().filter(|((s, _), _)| known(s)) {
-        let _ = writeln!(
-            out,
-            "cobbyd_shop_requests_total{{shop=\"{}\",outcome=\"{}\"}} {n}",
-            label(shop),
-            label(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_of_registered_shops_only() {
+        let m = Metrics::default();
+        m.observe_probe("a", Duration::from_millis(20), true);
+        m.observe_probe("gone", Duration::from_millis(20), true);
+        m.count_backpressure("a");
+        m.add_sync_counts(
+            "a",
+            SyncCounts {
+                fetched: 5,
+                created: 4,
+                updated: 1,
+                deleted: 0,
+            },
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_shop_backpressure_total Shop answers that asked to slow down (429, 503, Retry-After).\n# TYPE cobbyd_shop_backpressure_total counter"
-    );
-    for s in &shops {
-        let n = i.backpressure.get(&s.name).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "cobbyd_shop_backpressure_total{{shop=\"{}\"}} {n}",
-            label(&s.name)
+        let snap = Snapshot {
+            uptime: Duration::from_secs(7),
+            queue_depth: 3,
+            shops: vec![ShopSnapshot {
+                name: "a".into(),
+                state: ShopState::Healthy,
+                consecutive_failures: 0,
+                healthy: true,
+                last_sync_failed: false,
+                mirrors: vec![("default".into(), 4)],
+                concurrency_limit: 2,
+            }],
+        };
+        let text = m.render(&snap);
+        for line in [
+            "cobbyd_uptime_seconds 7",
+            "cobbyd_shops 1",
+            "cobbyd_shop_health_state{shop=\"a\",state=\"healthy\"} 1",
+            "cobbyd_shop_health_state{shop=\"a\",state=\"down\"} 0",
+            "cobbyd_shop_healthy{shop=\"a\"} 1",
+            "cobbyd_products_in_mirror{shop=\"a\",store=\"default\"} 4",
+            "cobbyd_products_created_total{shop=\"a\"} 4",
+            "cobbyd_shop_requests_total{shop=\"a\",outcome=\"ok\"} 1",
+            "cobbyd_shop_backpressure_total{shop=\"a\"} 1",
+            "cobbyd_probe_duration_seconds_count{shop=\"a\"} 1",
+            "cobbyd_shop_concurrency_limit{shop=\"a\"} 2",
+            "cobbyd_queue_depth 3",
+            "# TYPE cobbyd_products_fetched_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("gone"),
+            "a removed shop's series stay:\n{text}"
         );
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
-    drop(i);
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_shop_concurrency_limit Requests a sync may have in flight against the shop now (halved on backpressure, grows back by one).\n# TYPE cobbyd_shop_concurrency_limit gauge"
-    );
-    for s in &shops {
-        let _ = writeln!(
-            out,
-            "cobbyd_shop_concurrency_limit{{shop=\"{}\"}} {}",
-            label(&s.name),
-            d.syncs.limiter_status(&s.name).limit
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP cobbyd_queue_depth Jobs in the durable queue.\n# TYPE cobbyd_queue_depth gauge"
-    );
-    let _ = writeln!(out, "cobbyd_queue_depth {}", d.queue.depth());
-    out
 }

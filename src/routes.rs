@@ -316,7 +316,7 @@ async fn metrics(State(d): D) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&d),
+        d.metrics.render(&d.metrics_snapshot()),
     )
         .into_response()
 }

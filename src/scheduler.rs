@@ -8,8 +8,9 @@ use crate::queue::{Job, JobKind, now_ms};
 use crate::registry::client_options;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Probes running at once across all shops.
@@ -18,12 +19,13 @@ const PROBE_WORKERS: usize = 16;
 /// event-driven).
 const MAX_IDLE: Duration = Duration::from_secs(60);
 
-/// Runs until `stop` turns true and every running job has finished.
-pub async fn run(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+/// Runs until `stop` is cancelled and every running job has finished
+/// (a sync stops at its next page boundary).
+pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
     let probes = Arc::new(Semaphore::new(PROBE_WORKERS));
     let mut running: JoinSet<()> = JoinSet::new();
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             break;
         }
         loop {
@@ -80,7 +82,7 @@ pub async fn run(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
         };
         tokio::select! {
             _ = daemon.queue.wait(wait) => {}
-            _ = stop.changed() => {}
+            () = stop.cancelled() => {}
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
@@ -96,10 +98,10 @@ pub async fn run_probe(daemon: &Daemon, job: &Job) {
     };
     // A removal ends the probe in flight: nothing reaches a removed shop
     // once `shop remove` has answered.
-    let mut removed = daemon.syncs.removal(&rec.name);
+    let removed = daemon.syncs.removal(&rec.name);
     let delay = tokio::select! {
         d = probe_now(daemon, &rec) => d,
-        _ = removed.wait_for(|r| *r) => {
+        () = removed.cancelled() => {
             let _ = daemon.queue.complete(job, None);
             return;
         }

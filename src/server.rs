@@ -15,9 +15,19 @@
 //! cut off even when there is room. A request counts as "in the middle"
 //! only once its body has arrived: a client stuck inside its body is as
 //! evictable as one stuck inside its headers.
+//!
+//! A body the routes did not read (an early error, a route that takes
+//! none) is read to its end before the answer (at most [`DRAIN_LIMIT`],
+//! by the body's deadline): a connection closed with unread bytes, or
+//! before bytes still on their way arrive, resets the client's side
+//! (`ECONNRESET`) and can lose the answer.
+//!
+//! The servers run until their stop token is cancelled: they stop
+//! accepting, let each open connection finish the answer it is giving
+//! (at most [`CLOSE_GRACE`]; idle ones close at once), and return.
 
-use crate::daemon::Daemon;
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::BTreeMap;
@@ -29,12 +39,18 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// A client must send a request's headers within this time (in total, not
 /// per byte; also between keep-alive requests).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of a body the routes left unread is read (and dropped) before
+/// the answer; past it the connection is closed.
+pub const DRAIN_LIMIT: usize = 1024 * 1024;
+/// How long a closed server waits for its connections' answers.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +190,8 @@ where
     }));
     let guard = ConnGuard { id: 0, table };
     let counter = || Arc::new(AtomicUsize::new(0));
-    serve_connection(stream, router, counter(), counter(), guard).await;
+    let never = CancellationToken::new();
+    serve_connection(stream, router, counter(), counter(), guard, never).await;
 }
 
 /// Removes a connection from the table when its task ends (or is aborted).
@@ -205,6 +222,8 @@ struct BusySlot {
     /// (or dropped).
     reading: Mutex<Option<BusyGuard>>,
     guard: Mutex<Option<BusyGuard>>,
+    /// The rest of a body the routes dropped unread (to drain).
+    unread: Mutex<Option<hyper::body::Incoming>>,
 }
 
 impl BusySlot {
@@ -213,6 +232,7 @@ impl BusySlot {
             busy: busy.clone(),
             reading: Mutex::new(Some(BusyGuard::new(reading))),
             guard: Mutex::new(None),
+            unread: Mutex::new(None),
         })
     }
 
@@ -234,9 +254,36 @@ impl BusySlot {
 /// headers arrived (a total deadline, like the headers', not one per
 /// read).
 struct RequestBody {
-    inner: hyper::body::Incoming,
+    /// `None` only once dropped.
+    inner: Option<hyper::body::Incoming>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     slot: Arc<BusySlot>,
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take()
+            && !hyper::body::Body::is_end_stream(&inner)
+        {
+            *self.slot.unread.lock().unwrap_or_else(|e| e.into_inner()) = Some(inner);
+        }
+    }
+}
+
+/// Reads and drops what is left of a request body, up to [`DRAIN_LIMIT`]
+/// and `deadline`.
+async fn drain_unread(mut body: hyper::body::Incoming, deadline: tokio::time::Instant) {
+    let mut left = DRAIN_LIMIT;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, Bytes::len);
+            if n > left {
+                return;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, drain).await;
 }
 
 impl hyper::body::Body for RequestBody {
@@ -248,13 +295,16 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 this.slot.mark();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if this.inner.is_end_stream() {
+                if inner.is_end_stream() {
                     this.slot.mark();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -270,11 +320,13 @@ impl hyper::body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -326,24 +378,36 @@ impl hyper::body::Body for GuardedBody {
     }
 }
 
-/// Serves the control API until `stop`... and a little beyond: status stays
-/// readable while the daemon drains; the caller aborts this task last.
+/// Serves the control API (`router`) until `stop` is cancelled. The
+/// daemon cancels it last, after the drain: status stays readable while
+/// running work finishes.
 pub async fn serve(
     listener: UnixListener,
-    daemon: Arc<Daemon>,
+    router: axum::Router,
     max_connections: usize,
-    _stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
-    let router = crate::routes::router(daemon);
-    accept_loop(listener, router, max_connections).await;
+    accept_loop(listener, router, max_connections, stop).await;
 }
 
-/// Accepts connections for ever under the policy described at the top.
-async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_connections: usize) {
+/// Accepts connections under the policy described at the top until
+/// `stop`, then closes them (answers in progress get [`CLOSE_GRACE`]).
+async fn accept_loop<L: Listener>(
+    mut listener: L,
+    router: axum::Router,
+    max_connections: usize,
+    stop: CancellationToken,
+) {
     let table = Arc::new(Mutex::new(Conns::default()));
     let max = max_connections.max(1);
+    let mut tasks = JoinSet::new();
     loop {
-        let stream = match listener.accept_one().await {
+        let accepted = tokio::select! {
+            r = listener.accept_one() => r,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = stop.cancelled() => break,
+        };
+        let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors, say: do not spin.
@@ -395,21 +459,27 @@ async fn accept_loop<L: Listener>(mut listener: L, router: axum::Router, max_con
             id,
             table: table.clone(),
         };
-        let task = tokio::spawn(serve_connection(
+        let abort = tasks.spawn(serve_connection(
             stream,
             router.clone(),
             busy.clone(),
             reading.clone(),
             guard,
+            stop.clone(),
         ));
         t.open.insert(
             id,
             Conn {
                 busy,
                 reading,
-                abort: task.abort_handle(),
+                abort,
             },
         );
+    }
+    drop(listener);
+    let finish = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(CLOSE_GRACE, finish).await.is_err() {
+        tracing::debug!("control connections still open at close: cut");
     }
 }
 
@@ -442,6 +512,7 @@ async fn serve_connection<S>(
     busy: Arc<AtomicUsize>,
     reading: Arc<AtomicUsize>,
     guard: ConnGuard,
+    stop: CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -450,11 +521,12 @@ async fn serve_connection<S>(
         if hyper::body::Body::is_end_stream(req.body()) {
             slot.mark();
         }
-        let deadline = Box::pin(tokio::time::sleep(HEADER_TIMEOUT));
+        let deadline_at = tokio::time::Instant::now() + HEADER_TIMEOUT;
+        let deadline = Box::pin(tokio::time::sleep_until(deadline_at));
         let body_slot = slot.clone();
         let req = req.map(move |inner| {
             axum::body::Body::new(RequestBody {
-                inner,
+                inner: Some(inner),
                 deadline,
                 slot: body_slot,
             })
@@ -462,6 +534,10 @@ async fn serve_connection<S>(
         let router = router.clone();
         async move {
             let resp = router.oneshot(req).await?;
+            let unread = slot.unread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(body) = unread {
+                drain_unread(body, deadline_at).await;
+            }
             // Answering: busy from here on, body read or not.
             slot.mark();
             Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody { inner, _busy: slot }))
@@ -474,18 +550,27 @@ async fn serve_connection<S>(
         // (`nc -U`, a script) still gets the answer.
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            // The answer in progress is finished; an idle connection closes.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "control connection ended with an error");
     }
     drop(guard);
 }
 
-/// The optional Prometheus TCP listener (`metrics.listen`): `/metrics` only.
+/// The optional Prometheus TCP listener (`metrics.listen`): `router`
+/// serves `/metrics` only.
 pub async fn serve_metrics_tcp(
     listener: tokio::net::TcpListener,
-    daemon: Arc<Daemon>,
-    _stop: watch::Receiver<bool>,
+    router: axum::Router,
+    stop: CancellationToken,
 ) {
-    let router = crate::routes::metrics_router(daemon);
-    accept_loop(listener, router, 16).await;
+    accept_loop(listener, router, 16, stop).await;
 }

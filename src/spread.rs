@@ -51,10 +51,17 @@ fn phase(shop: &str, what: Recurring) -> u64 {
         Recurring::Sync => 0xbf58_476d_1ce4_e5b9,
         Recurring::FullSync => 0x94d0_49bb_1331_11eb,
     };
-    let mut z = crate::daemon::shop_hash(shop) ^ salt;
+    let mut z = shop_hash(shop) ^ salt;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// A stable per-shop number (FNV-1a).
+pub fn shop_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// Attempts per request before a run fails.
 const REQUEST_ATTEMPTS: u32 = 5;
@@ -189,7 +190,10 @@ struct ShopSync {
     lock: Arc<tokio::sync::Mutex<()>>,
     progress: Mutex<Option<Progress>>,
     queued: AtomicUsize,
-    cancel: watch::Sender<bool>,
+    /// Cancelled when the shop is removed (a token of its own, not a
+    /// child of the shutdown token: a removed shop's run ends `cancelled`
+    /// and loses its job, a stopped daemon's ends `interrupted` and keeps it).
+    cancel: CancellationToken,
     /// `--allow-mass-delete` was asked for: the next full run of this shop
     /// takes it (one run only).
     allow_mass_delete: std::sync::atomic::AtomicBool,
@@ -259,7 +263,7 @@ impl SyncManager {
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     progress: Mutex::new(None),
                     queued: AtomicUsize::new(0),
-                    cancel: watch::channel(false).0,
+                    cancel: CancellationToken::new(),
                     allow_mass_delete: std::sync::atomic::AtomicBool::new(false),
                     last_run: Mutex::new(None),
                     limiter: limiter::ShopLimiter::new(
@@ -289,7 +293,7 @@ impl SyncManager {
     /// [`SyncManager::registered`] replaces it when the name is added again.
     pub async fn cancel(&self, name: &str, wait: Duration) {
         let s = self.shop(name);
-        s.cancel.send_replace(true);
+        s.cancel.cancel();
         if tokio::time::timeout(wait, s.lock.clone().lock_owned())
             .await
             .is_err()
@@ -302,14 +306,14 @@ impl SyncManager {
     /// shop of that name.
     pub fn registered(&self, name: &str) {
         let mut shops = self.shops.lock().unwrap_or_else(|e| e.into_inner());
-        if shops.get(name).is_some_and(|s| *s.cancel.borrow()) {
+        if shops.get(name).is_some_and(|s| s.cancel.is_cancelled()) {
             shops.remove(name);
         }
     }
 
     /// Becomes true when the shop is removed (probes in flight end on it).
-    pub fn removal(&self, name: &str) -> watch::Receiver<bool> {
-        self.shop(name).cancel.subscribe()
+    pub fn removal(&self, name: &str) -> CancellationToken {
+        self.shop(name).cancel.clone()
     }
 
     /// The shop's last finished run (cached; see `ShopSync::last_run`).
@@ -576,7 +580,7 @@ pub fn shop_healthy(d: &Daemon, name: &str) -> bool {
 }
 
 /// Runs one leased sync job and schedules the next.
-pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
+pub async fn run_job(d: &Daemon, job: Job, stop: CancellationToken) {
     let cfg = d.config();
     let Some(rec) = d.registry.get(&job.shop) else {
         let _ = d.queue.complete(&job, None);
@@ -600,7 +604,7 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
 
     let shop = d.syncs.shop(&rec.name);
     shop.queued.fetch_add(1, Ordering::Relaxed);
-    let mut stop_wait = stop.clone();
+    let stop_wait = stop.clone();
     let lock = shop.lock.clone();
     let permits = d.syncs.permits.clone();
     let acquire = async move {
@@ -610,7 +614,7 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
     };
     let acquired = tokio::select! {
         g = acquire => Some(g),
-        _ = stop_wait.wait_for(|s| *s) => None,
+        () = stop_wait.cancelled() => None,
     };
     shop.queued.fetch_sub(1, Ordering::Relaxed);
     let Some((_guard, Ok(permit))) = acquired else {
@@ -618,7 +622,7 @@ pub async fn run_job(d: &Daemon, job: Job, stop: watch::Receiver<bool>) {
         let _ = d.queue.complete(&job, Some(now_ms()));
         return;
     };
-    if *shop.cancel.borrow() {
+    if shop.cancel.is_cancelled() {
         // Removed while this job waited: nothing of it may be written.
         let _ = d.queue.complete(&job, None);
         return;
@@ -680,8 +684,8 @@ pub struct RunCtx<'a> {
     shop: &'a ShopSync,
     /// The run's global sync slot: given back while the run waits to retry.
     slot: &'a Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
-    stop: watch::Receiver<bool>,
-    cancel: watch::Receiver<bool>,
+    stop: CancellationToken,
+    cancel: CancellationToken,
     pub last_item_error: Option<String>,
     /// This run may delete more than `sync.max_delete_share`
     /// (`--allow-mass-delete`).
@@ -746,10 +750,10 @@ impl RunCtx<'_> {
 
     /// Checked between pages: a page in flight always completes.
     pub fn check(&self) -> Result<(), SyncError> {
-        if *self.cancel.borrow() {
+        if self.cancel.is_cancelled() {
             return Err(SyncError::Cancelled);
         }
-        if *self.stop.borrow() {
+        if self.stop.is_cancelled() {
             return Err(SyncError::Interrupted);
         }
         Ok(())
@@ -820,19 +824,19 @@ impl RunCtx<'_> {
         loop {
             attempt += 1;
             let permit = {
-                let mut stop = self.stop.clone();
-                let mut cancel = self.cancel.clone();
+                let stop = self.stop.clone();
+                let cancel = self.cancel.clone();
                 tokio::select! {
                     p = self.shop.limiter.acquire() => p,
-                    _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
-                    _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+                    () = stop.cancelled() => return Err(SyncError::Interrupted),
+                    () = cancel.cancelled() => return Err(SyncError::Cancelled),
                 }
             };
             self.update(|p| p.requests += 1);
             let timeout = self.cfg.sync.request_timeout;
             // A removal drops the request in flight (closing its
             // connection): nothing more reaches a removed shop.
-            let mut cancel = self.cancel.clone();
+            let cancel = self.cancel.clone();
             let result = tokio::select! {
                 r = tokio::time::timeout(timeout + Duration::from_secs(1), f()) => match r {
                     Ok(r) => r,
@@ -844,7 +848,7 @@ impl RunCtx<'_> {
                         ),
                     )),
                 },
-                _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+                () = cancel.cancelled() => return Err(SyncError::Cancelled),
             };
             match &result {
                 Ok(_) => permit.success(),
@@ -908,20 +912,20 @@ impl RunCtx<'_> {
         let had_slot = released.is_some();
         drop(released);
         self.update(|p| p.waiting = Some(why.to_string()));
-        let mut stop = self.stop.clone();
-        let mut cancel = self.cancel.clone();
+        let stop = self.stop.clone();
+        let cancel = self.cancel.clone();
         let result = async {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
-                _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+                () = stop.cancelled() => return Err(SyncError::Interrupted),
+                () = cancel.cancelled() => return Err(SyncError::Cancelled),
             }
             if had_slot {
                 let permits = self.d.syncs.permits.clone();
                 let permit = tokio::select! {
                     p = permits.acquire_owned() => p.map_err(|_| SyncError::Interrupted)?,
-                    _ = stop.wait_for(|s| *s) => return Err(SyncError::Interrupted),
-                    _ = cancel.wait_for(|c| *c) => return Err(SyncError::Cancelled),
+                    () = stop.cancelled() => return Err(SyncError::Interrupted),
+                    () = cancel.cancelled() => return Err(SyncError::Cancelled),
                 };
                 *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
             }
@@ -982,7 +986,7 @@ async fn run(
     shop: &ShopSync,
     slot: &Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     full: bool,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Result<(), SyncError> {
     let cfg = d.config();
     let kind = if full { "full_sync" } else { "sync" };
@@ -1039,7 +1043,7 @@ async fn run(
         shop,
         slot,
         stop,
-        cancel: shop.cancel.subscribe(),
+        cancel: shop.cancel.clone(),
         last_item_error: None,
         allow_mass_delete: full && shop.allow_mass_delete.swap(false, Ordering::Relaxed),
         problem: None,

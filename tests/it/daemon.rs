@@ -240,6 +240,40 @@ fn socket_limits_body_size_and_idle_clients() {
     let _ = idle.read_to_end(&mut buf);
 }
 
+/// A route that answers from the headers alone (an unknown path, a wrong
+/// method) while the body is still on its way: the daemon reads the body
+/// before it closes, so the late body is accepted and the answer read.
+/// A connection closed with the body unread reset the client's side
+/// (ECONNRESET or EPIPE), losing the answer.
+#[test]
+fn a_body_that_arrives_after_the_answer_does_not_reset_the_connection() {
+    let d = Daemon::start("");
+    let body = format!("{{\"x\": \"{}\"}}", "a".repeat(4000));
+    for (path, code) in [("/v2/nothing", "404"), ("/v1/status", "405")] {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: cobbyd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // The split: the body follows once the daemon had time to answer.
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(body.as_bytes())
+            .unwrap_or_else(|e| panic!("{path}: writing the body: {e}"));
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .unwrap_or_else(|e| panic!("{path}: reading the answer: {e}"));
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {code}")),
+            "{path}: {text}"
+        );
+        assert!(text.contains("\"error\""), "{path}: {text}");
+    }
+    assert_eq!(d.http("GET", "/health", None).0, 200);
+}
+
 #[test]
 fn stale_socket_replaced_other_files_refused() {
     let dir = tempfile::tempdir().unwrap();
