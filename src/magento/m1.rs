@@ -9,6 +9,7 @@
 use super::http;
 use super::xmlrpc::{self, Fault, Value, XmlRpcError};
 use super::{ClientOptions, FailureKind, ProbeInfo, ShopError};
+use crate::logging;
 use crate::secret::Secret;
 use crate::shop::{Credentials, Platform, ShopRecord};
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The two places the XML-RPC endpoint lives: with URL rewrites, and without.
 const ENDPOINTS: [&str; 2] = ["api/xmlrpc/", "index.php/api/xmlrpc/"];
@@ -493,14 +494,28 @@ impl M1Client {
         let mut first_failure: Option<ShopError> = None;
         for &p in candidates {
             let a = self.send(ENDPOINTS[p - 1], rpc, body.clone()).await?;
-            let decoded = match each.as_deref_mut() {
-                None => xmlrpc::decode_response(&a.body).map(|r| r.map(Answered::Whole)),
-                Some(f) => xmlrpc::decode_response_each(&a.body, f)
-                    .map(|r| r.map(|v| v.map_or(Answered::Streamed, Answered::Whole))),
-            };
+            let decoded = self.decode(&a, rpc, &params, each.as_deref_mut());
             let is_2xx = (200..300).contains(&a.status);
+            // XML-RPC after a PHP notice is the API answering (badly): this
+            // is the right endpoint, and the answer a protocol failure.
+            let preamble = match &decoded {
+                Err(_) if is_2xx => text_before_xml(&a.body),
+                _ => None,
+            };
             let not_here = a.status == 404
-                || (is_2xx && matches!(decoded, Err(XmlRpcError::NotXmlRpc { .. })));
+                || (is_2xx
+                    && preamble.is_none()
+                    && matches!(decoded, Err(XmlRpcError::NotXmlRpc { .. })));
+            if let Some((what, n)) = preamble {
+                self.inner.endpoint.store(p, Ordering::Relaxed);
+                return Err(ShopError::new(
+                    FailureKind::Protocol,
+                    format!(
+                        "the shop printed {what} ({n} bytes) before its XML-RPC answer: a PHP notice or warning shown to API clients (display_errors on), or a byte order mark or blank line outside <?php in one of its PHP files"
+                    ),
+                )
+                .with_status(a.status));
+            }
             if decoded.is_ok() {
                 self.inner.endpoint.store(p, Ordering::Relaxed);
             } else if not_here && cached != 0 {
@@ -532,6 +547,61 @@ impl M1Client {
         // Unreachable in practice: the loop returns on its last candidate.
         Err(first_failure
             .unwrap_or_else(|| ShopError::new(FailureKind::Protocol, "no endpoint to try")))
+    }
+
+    /// Decodes an answer (see [`M1Client::post`]). Bytes that are not
+    /// UTF-8 are replaced by U+FFFD (see [`xmlrpc::utf8_lossy`]), and each
+    /// streamed element that held some is named in a warning.
+    fn decode<'e>(
+        &self,
+        a: &Answer,
+        rpc: &str,
+        params: &[Value],
+        each: Option<&mut (dyn FnMut(Value) -> Result<(), XmlRpcError> + Send + 'e)>,
+    ) -> Result<Result<Answered, Fault>, XmlRpcError> {
+        let (text, fixes) = xmlrpc::utf8_lossy(&a.body);
+        let method = match params.get(1) {
+            Some(Value::String(m)) if rpc == "call" => m.as_str(),
+            _ => rpc,
+        };
+        let Some(f) = each else {
+            let r = xmlrpc::decode_response(&text).map(|r| r.map(Answered::Whole));
+            if let Some(first) = fixes.first() {
+                // Whole answers are the probe's and small look-ups: the
+                // products the sync stores are streamed and named below.
+                debug!(
+                    shop = %self.inner.shop,
+                    method = %logging::escape(method),
+                    offset = first.offset,
+                    replaced = fixes.len(),
+                    "magento1 answer had bytes that are not UTF-8; read with U+FFFD in their place"
+                );
+            }
+            return r;
+        };
+        let mut spans = |v: Value, span: std::ops::Range<usize>| {
+            if let Some((first, bytes)) = xmlrpc::replaced_in(&fixes, span) {
+                let sku = v.get("sku").and_then(Value::as_str).unwrap_or("");
+                let id = v
+                    .get("product_id")
+                    .and_then(Value::as_i64)
+                    .unwrap_or_default();
+                warn!(
+                    shop = %self.inner.shop,
+                    method = %logging::escape(method),
+                    sku = %logging::escape(sku),
+                    id,
+                    offset = first.offset,
+                    "product {:?} (id {id}) has {bytes} byte(s) that are not UTF-8 in the answer to {}, the first at byte {} of the answer; read with U+FFFD in their place: fix the product's text in the shop (it is probably Latin-1 from an import)",
+                    logging::escape(sku).as_ref(),
+                    logging::escape(method),
+                    first.offset
+                );
+            }
+            f(v)
+        };
+        xmlrpc::decode_response_spans(&text, &mut spans)
+            .map(|r| r.map(|v| v.map_or(Answered::Streamed, Answered::Whole)))
     }
 
     async fn send(&self, endpoint: &str, rpc: &str, body: Bytes) -> Result<Answer, ShopError> {
@@ -585,6 +655,14 @@ fn truncate(s: &str) -> String {
         cut -= 1;
     }
     format!("{}…", &s[..cut])
+}
+
+/// What the shop printed before an XML-RPC answer (see
+/// [`http::text_before_answer`]).
+fn text_before_xml(body: &[u8]) -> Option<(String, usize)> {
+    http::text_before_answer(body, |b| {
+        b.starts_with(b"<?xml") || b.starts_with(b"<methodResponse")
+    })
 }
 
 /// A fault of a call (not of login) as a [`ShopError`].
@@ -993,6 +1071,98 @@ mod tests {
                 "/index.php/api/xmlrpc/"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn text_before_the_answer_is_a_protocol_failure() {
+        let answer = xmlrpc::encode_response(&Value::str(SID1));
+        for (prefix, what) in [
+            (
+                "<br />\n<b>Notice</b>:  Undefined index: feed in <b>/var/www/app/code/local/Acme/Model/Api.php</b> on line <b>42</b><br />\n",
+                "<b>Notice</b>",
+            ),
+            (
+                "PHP Deprecated:  Function create_function() is deprecated in /var/www/lib/Varien/x.php on line 7\n",
+                "\"PHP Deprecated:  Function create_function()",
+            ),
+        ] {
+            let body = format!("{prefix}{answer}");
+            let (addr, log) =
+                testserver::serve(move |_, _| response("200 OK", "text/xml", &[], &body)).await;
+            let c = client(addr);
+            let e = c.probe().await.unwrap_err();
+            assert_eq!(e.kind, FailureKind::Protocol, "{e}");
+            assert!(e.message.contains(what), "{e}");
+            assert!(e.message.contains("before its XML-RPC answer"), "{e}");
+            no_secrets(&e);
+            // The API answered there: not looked for under index.php/.
+            assert_eq!(log.lock().unwrap().len(), 1);
+            assert_eq!(
+                c.endpoint().as_deref(),
+                Some(format!("http://{addr}/api/xmlrpc/").as_str())
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_utf8_are_replaced() {
+        let (addr, _) = shop(|_, _, _| ok(info())).await;
+        let c = client(addr);
+        // A multiCall answer whose second product name has a Latin-1 byte.
+        let names = ["Plain", "Caf\u{e9}"];
+        let body: Vec<u8> = {
+            let items = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Value::Struct(vec![
+                        ("product_id".into(), Value::str((i + 1).to_string())),
+                        ("sku".into(), Value::str(format!("S{i}"))),
+                        ("name".into(), Value::str(*n)),
+                    ])
+                })
+                .collect();
+            let xml = xmlrpc::encode_response(&Value::Array(items));
+            // é as one Latin-1 byte, not two UTF-8 bytes.
+            let at = xml.find('\u{e9}').unwrap();
+            [
+                &xml.as_bytes()[..at],
+                &[0xE9][..],
+                &xml.as_bytes()[at + 2..],
+            ]
+            .concat()
+        };
+        let a = Answer {
+            status: 200,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body),
+            url: url::Url::parse(&format!("http://{addr}/api/xmlrpc/")).unwrap(),
+        };
+        let mut got = Vec::new();
+        let r = c
+            .decode(
+                &a,
+                "multiCall",
+                &[],
+                Some(&mut |v: Value| {
+                    got.push(
+                        v.get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    );
+                    Ok(())
+                }),
+            )
+            .unwrap();
+        assert!(matches!(r, Ok(Answered::Streamed)));
+        assert_eq!(got, ["Plain", "Caf\u{FFFD}"]);
+        // A whole answer is read too.
+        let r = c.decode(&a, "multiCall", &[], None).unwrap();
+        let Ok(Answered::Whole(Value::Array(items))) = r else {
+            panic!()
+        };
+        assert_eq!(items[1].get("name"), Some(&Value::str("Caf\u{FFFD}")));
     }
 
     #[tokio::test]

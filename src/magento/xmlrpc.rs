@@ -13,6 +13,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use quick_xml::events::Event;
 use quick_xml::reader::Reader;
 use std::fmt::Write as _;
+use std::ops::Range;
 
 /// Largest document decoded.
 pub const MAX_DOCUMENT: usize = 256 * 1024 * 1024;
@@ -352,6 +353,58 @@ pub fn encode_fault(code: i64, message: &str) -> String {
 
 // ---------------------------------------------------------------- decoding
 
+/// Where [`utf8_lossy`] replaced bytes that are not UTF-8 by U+FFFD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    /// Byte offset of the replacement in the repaired text.
+    pub at: usize,
+    /// Byte offset of the bad bytes in the answer as received.
+    pub offset: usize,
+    /// Bad bytes replaced there.
+    pub bytes: usize,
+}
+
+/// The answer as UTF-8: itself when it is (no copy), else a copy with each
+/// invalid sequence replaced by U+FFFD, and where. A shop that stored
+/// Latin-1 text (an old import) sends such bytes inside a product's
+/// strings; XML cannot carry them, and refusing the whole answer would
+/// fail every sync of the shop for one product.
+pub fn utf8_lossy(body: &[u8]) -> (std::borrow::Cow<'_, [u8]>, Vec<Replaced>) {
+    if std::str::from_utf8(body).is_ok() {
+        return (std::borrow::Cow::Borrowed(body), Vec::new());
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let mut fixes = Vec::new();
+    let mut offset = 0usize;
+    for chunk in body.utf8_chunks() {
+        out.extend_from_slice(chunk.valid().as_bytes());
+        offset += chunk.valid().len();
+        let bytes = chunk.invalid().len();
+        if bytes > 0 {
+            fixes.push(Replaced {
+                at: out.len(),
+                offset,
+                bytes,
+            });
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(char::REPLACEMENT_CHARACTER.encode_utf8(&mut buf).as_bytes());
+            offset += bytes;
+        }
+    }
+    (std::borrow::Cow::Owned(out), fixes)
+}
+
+/// The replacements of `fixes` (sorted, from [`utf8_lossy`]) inside
+/// `span` of the repaired text: the first one and the bytes replaced in
+/// all, `None` when there are none.
+pub fn replaced_in(fixes: &[Replaced], span: Range<usize>) -> Option<(Replaced, usize)> {
+    let lo = fixes.partition_point(|f| f.at < span.start);
+    let hi = fixes.partition_point(|f| f.at < span.end);
+    let inside = fixes.get(lo..hi)?;
+    let first = *inside.first()?;
+    Some((first, inside.iter().map(|f| f.bytes).sum()))
+}
+
 #[derive(Debug)]
 enum Tok {
     Start(String),
@@ -394,6 +447,11 @@ impl<'a> Parser<'a> {
         c.check_end_names = true;
         c.trim_text(false);
         Ok(Parser { r, peeked: None })
+    }
+
+    /// Bytes of the document read so far.
+    fn position(&self) -> usize {
+        usize::try_from(self.r.buffer_position()).unwrap_or(usize::MAX)
     }
 
     /// quick-xml's message quotes element names whole: cut it.
@@ -595,11 +653,12 @@ impl<'a> Parser<'a> {
     }
 
     /// After `<value>`: an array's elements handed to `f` one at a time (so
-    /// that only one element's tree is alive at once), `None`; any other
-    /// value is returned whole.
+    /// that only one element's tree is alive at once), each with the byte
+    /// range of the document it was read from; `None`. Any other value is
+    /// returned whole.
     fn value_or_each(
         &mut self,
-        f: &mut dyn FnMut(Value) -> Result<(), XmlRpcError>,
+        f: &mut dyn FnMut(Value, Range<usize>) -> Result<(), XmlRpcError>,
     ) -> Result<Option<Value>, XmlRpcError> {
         let mut text = String::new();
         loop {
@@ -616,7 +675,11 @@ impl<'a> Parser<'a> {
         self.expect_start("data", "array")?;
         loop {
             match self.next_tag("data")? {
-                Tok::Start(n) if n == "value" => f(self.value(2)?)?,
+                Tok::Start(n) if n == "value" => {
+                    let start = self.position();
+                    let v = self.value(2)?;
+                    f(v, start..self.position())?;
+                }
                 Tok::End(n) if n == "data" => break,
                 t => return Err(unexpected(&t, "data")),
             }
@@ -771,6 +834,16 @@ fn fault_body(p: &mut Parser) -> Result<Fault, XmlRpcError> {
 pub fn decode_response_each(
     xml: &[u8],
     f: &mut dyn FnMut(Value) -> Result<(), XmlRpcError>,
+) -> Result<Result<Option<Value>, Fault>, XmlRpcError> {
+    decode_response_spans(xml, &mut |v, _| f(v))
+}
+
+/// [`decode_response_each`], each element handed over with the byte range
+/// of `xml` it was read from (to tell which elements held bytes that
+/// [`utf8_lossy`] replaced).
+pub fn decode_response_spans(
+    xml: &[u8],
+    f: &mut dyn FnMut(Value, Range<usize>) -> Result<(), XmlRpcError>,
 ) -> Result<Result<Option<Value>, Fault>, XmlRpcError> {
     let mut p = Parser::new(xml)?;
     root(&mut p, "methodResponse")?;
@@ -1235,6 +1308,34 @@ bG8=</base64></value></member>
             Value::Double(f64::INFINITY).to_json(),
             serde_json::Value::Null
         );
+    }
+
+    #[test]
+    fn lossy_text_and_spans_name_the_elements_repaired() {
+        let good = b"<methodResponse><params><param><value><array><data><value><string>a</string></value><value><string>b\xE9\xE9</string></value><value><string>c\xFF</string></value></data></array></value></param></params></methodResponse>";
+        let (text, fixes) = utf8_lossy(good);
+        // Each lone E9 is a sequence of its own.
+        assert_eq!(fixes.len(), 3);
+        assert_eq!(fixes[0].bytes, 1);
+        assert_eq!(good[fixes[0].offset], 0xE9);
+        assert_eq!(good[fixes[2].offset], 0xFF);
+        let mut seen = Vec::new();
+        let r = decode_response_spans(&text, &mut |v, span| {
+            seen.push((v, replaced_in(&fixes, span).map(|(f, n)| (f.offset, n))));
+            Ok(())
+        });
+        assert_eq!(r, Ok(Ok(None)));
+        assert_eq!(
+            seen,
+            [
+                (Value::str("a"), None),
+                (Value::str("b\u{FFFD}\u{FFFD}"), Some((fixes[0].offset, 2))),
+                (Value::str("c\u{FFFD}"), Some((fixes[2].offset, 1))),
+            ]
+        );
+        // UTF-8 input is not copied.
+        let (t, f) = utf8_lossy(b"<x>\xC3\xA9</x>");
+        assert!(matches!(t, std::borrow::Cow::Borrowed(_)) && f.is_empty());
     }
 
     #[test]

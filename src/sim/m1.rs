@@ -357,7 +357,15 @@ fn exec(inner: &Inner, path: &str, args: Option<&Value>) -> Result<Value, Fault>
                 Some(Value::Array(a)) if !a.is_empty() => Some(a.iter().map(text).collect()),
                 _ => None,
             };
-            Ok(info_value(inner.cfg.seed, &row, lang, attrs.as_deref()))
+            let mut v = info_value(inner.cfg.seed, &row, lang, attrs.as_deref());
+            if let (Some(sku), Value::Struct(m)) = (quirk_sku(inner, row.id), &mut v) {
+                for (k, val) in m.iter_mut() {
+                    if k == "sku" {
+                        *val = Value::String(sku.clone());
+                    }
+                }
+            }
+            Ok(v)
         }
         ("catalog_product", "update") => {
             store_lang(inner, args.get(2))?;
@@ -538,7 +546,12 @@ fn product_list(
             .map(|r| {
                 Value::Struct(vec![
                     ("product_id".into(), Value::String(r.id.to_string())),
-                    ("sku".into(), Value::String(catalog::sku_for(seed, r.id))),
+                    (
+                        "sku".into(),
+                        Value::String(
+                            quirk_sku(inner, r.id).unwrap_or_else(|| catalog::sku_for(seed, r.id)),
+                        ),
+                    ),
                     (
                         "name".into(),
                         Value::String(catalog::name_for(seed, r.id, lang)),
@@ -557,6 +570,12 @@ fn product_list(
             })
             .collect(),
     ))
+}
+
+/// The SKU product `id` is rendered with instead of its own (see
+/// [`crate::sim::SimHandle::duplicate_sku`]).
+fn quirk_sku(inner: &Inner, id: u32) -> Option<String> {
+    read(&inner.quirks).get(&id).and_then(|q| q.sku.clone())
 }
 
 /// A product as `catalog_product.info` returns it: `product_id`, `sku`,

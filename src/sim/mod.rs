@@ -298,9 +298,10 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
-/// How one product is rendered differently from its row on Magento 2: a
-/// shop whose data is broken (see [`SimHandle::render_updated_at`],
-/// [`SimHandle::render_id_zero`], [`SimHandle::duplicate_sku`]).
+/// How one product is rendered differently from its row on Magento 2 (the
+/// SKU also on Magento 1): a shop whose data is broken (see
+/// [`SimHandle::render_updated_at`], [`SimHandle::render_id_zero`],
+/// [`SimHandle::duplicate_sku`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Quirk {
     /// Rendered as this `id`.
@@ -665,7 +666,7 @@ impl SimHandle {
         sku
     }
 
-    /// Magento 2 renders the `count` products with the lowest ids after the
+    /// Both APIs render the `count` products with the lowest ids after the
     /// first under the first one's SKU (one SKU on many ids); returns that
     /// SKU.
     pub fn duplicate_sku(&self, count: usize) -> String {

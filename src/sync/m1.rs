@@ -19,7 +19,10 @@
 //! believed only when the product, asked again on its own, still does not
 //! exist and a new listing of it no longer lists it; otherwise the answers
 //! contradict each other, the product is kept and the run is `partial`. The
-//! checkpoint does not move after a run with such problems.
+//! checkpoint does not move after a run with such problems. A SKU listed
+//! on more than one product id makes the run `partial`, naming the ids, and
+//! the listing is not trusted to delete anything (the mirror keeps one
+//! product per SKU, the last read).
 
 use super::{RunCtx, SyncError, begin, delete_unseen};
 use crate::magento::m1::M1Client;
@@ -113,11 +116,9 @@ pub async fn sync_store(
         changed_since(ctx, client, code, &mirror, &mut cursor, &mut tally).await?;
     } else {
         let todo = ctx.d.store.scratch(&todo_name)?;
-        let seen = if ctx.full {
-            Some(ctx.d.store.scratch(&seen_name)?)
-        } else {
-            None
-        };
+        // Every walk notes SKU → id, to find a SKU on two ids; only a
+        // full reconcile deletes by it.
+        let seen = Some(ctx.d.store.scratch(&seen_name)?);
         if phase(&cursor) == "list" {
             list_ranges(
                 ctx,
@@ -153,7 +154,12 @@ pub async fn sync_store(
                 mirror.save_cursor(&cursor)?;
             }
         }
+        let duplicated = match &seen {
+            Some(seen) => report_duplicates(ctx, code, seen)?,
+            None => false,
+        };
         if phase(&cursor) == "delete"
+            && !duplicated
             && let Some(seen) = &seen
         {
             delete_unseen(ctx, &mirror, &mut cursor, seen).await?;
@@ -365,7 +371,7 @@ async fn list_ranges(
             todo.insert(id.to_be_bytes(), sku.as_bytes())
                 .map_err(StoreError::from)?;
             if let Some(seen) = seen {
-                seen.insert(sku.as_bytes(), &[]).map_err(StoreError::from)?;
+                note_seen(seen, sku, *id)?;
             }
         }
         set(cursor, |r| {
@@ -376,6 +382,65 @@ async fn list_ranges(
         ctx.flush().await?;
         ctx.update(|p| p.pages += 1);
     }
+}
+
+/// A `seen` value that marks a SKU listed on more than one id: this byte,
+/// then the first two ids (big-endian). A plain value is the one id.
+const ON_MANY_IDS: u8 = 0xFF;
+
+/// Notes that the listing answered `sku` on `id`; a second id marks the
+/// SKU (see [`ON_MANY_IDS`]).
+fn note_seen(seen: &sled::Tree, sku: &str, id: i64) -> Result<(), SyncError> {
+    let old = seen.get(sku.as_bytes()).map_err(StoreError::from)?;
+    let value = match old.as_deref().map(<[u8; 8]>::try_from) {
+        None => id.to_be_bytes().to_vec(),
+        Some(Ok(o)) if i64::from_be_bytes(o) == id => return Ok(()),
+        Some(Ok(o)) => [&[ON_MANY_IDS][..], &o, &id.to_be_bytes()].concat(),
+        // Already marked.
+        Some(Err(_)) => return Ok(()),
+    };
+    seen.insert(sku.as_bytes(), value)
+        .map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Reports the SKUs the walk's listing answered on more than one id (the
+/// run is then `partial`); true when there were any: such a listing is not
+/// trusted to delete. Reads the scratch tree, so a resumed run knows too.
+fn report_duplicates(ctx: &RunCtx<'_>, code: &str, seen: &sled::Tree) -> Result<bool, SyncError> {
+    const SHOWN: usize = 5;
+    let mut count = 0u64;
+    let mut first = Vec::new();
+    for kv in seen.iter() {
+        let (k, v) = kv.map_err(StoreError::from)?;
+        if v.len() != 17 || v[0] != ON_MANY_IDS {
+            continue;
+        }
+        count += 1;
+        if first.len() < SHOWN {
+            let id = |at: usize| <[u8; 8]>::try_from(&v[at..at + 8]).map_or(0, i64::from_be_bytes);
+            first.push(format!(
+                "{} (ids {} and {})",
+                short(&String::from_utf8_lossy(&k)),
+                id(1),
+                id(9)
+            ));
+        }
+    }
+    if count == 0 {
+        return Ok(false);
+    }
+    let more = count.saturating_sub(first.len() as u64);
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    ctx.inconsistent(format!(
+        "store view {code}: catalog_product.list answered the same SKU on more than one product id: {}{tail} (the mirror keeps one product per SKU, the last read, and nothing was deleted by this listing); fix the SKUs in the shop (a broken import or a module writing SKUs?)",
+        first.join("; ")
+    ));
+    Ok(true)
 }
 
 /// The fetch phase: the listed products after the run cursor's id, in id
@@ -415,9 +480,12 @@ async fn fetch_listed(
         };
         let (items, gone) = fetch(ctx, client, code, &chunk, tally).await?;
         if let Some(seen) = seen {
-            // Confirmed gone: a complete listing without them.
-            for sku in &gone {
-                seen.remove(sku.as_bytes()).map_err(StoreError::from)?;
+            // Confirmed gone: a complete listing without them (a SKU also
+            // listed on another id stays).
+            for (id, sku) in &gone {
+                let _ = seen
+                    .compare_and_swap(sku.as_bytes(), Some(&id.to_be_bytes()[..]), None::<&[u8]>)
+                    .map_err(StoreError::from)?;
             }
         }
         let max_seen = newest(
@@ -502,7 +570,7 @@ fn info_call(id: i64, code: &str) -> (String, Vec<Value>) {
 }
 
 /// Fetches details of `chunk` (id, listed SKU) in `multiCall` batches.
-/// Returns the items and the SKUs confirmed gone (see the module docs);
+/// Returns the items and the (id, SKU)s confirmed gone (see the module docs);
 /// what could not be read or trusted is counted in `tally`.
 async fn fetch(
     ctx: &mut RunCtx<'_>,
@@ -510,7 +578,7 @@ async fn fetch(
     code: &str,
     chunk: &[(i64, String)],
     tally: &mut Tally,
-) -> Result<(Vec<Item>, Vec<String>), SyncError> {
+) -> Result<(Vec<Item>, Vec<(i64, String)>), SyncError> {
     let batch = ctx.cfg.sync.m1_batch_size as usize;
     let concurrency = ctx.cfg.sync.shop_concurrency;
     let ctx_ref: &RunCtx<'_> = ctx;
@@ -581,7 +649,7 @@ async fn fetch(
             Got::Wrong(why) => unreadable.push((FailureKind::Protocol, why)),
         }
     }
-    let mut gone = Vec::new();
+    let mut gone: Vec<(i64, String)> = Vec::new();
     if !not_exists.is_empty() {
         // Believed only if a new listing of these ids leaves them out.
         let ids: Vec<Value> = not_exists
@@ -605,7 +673,7 @@ async fn fetch(
                     .inconsistent_example
                     .get_or_insert_with(|| format!("product {id}, SKU {}", short(&sku)));
             } else {
-                gone.push(sku);
+                gone.push((id, sku));
             }
         }
     }

@@ -286,3 +286,96 @@ fn m1_full_sync_counts_the_catalog() {
     assert_eq!(r["fetched"], N, "{r:#}");
     assert_eq!(r["unchanged"], N, "{r:#}");
 }
+
+/// A byte that is not UTF-8 (a Latin-1 `é`) in some product names no
+/// longer fails every sync: each such product is stored with U+FFFD in its
+/// place and named (SKU and id) in a warning; every other product lands as
+/// the shop has it.
+#[test]
+fn m1_latin1_byte_is_kept_and_named() {
+    let sim = Sim::start(100);
+    let d = daemon("m1_id_range = 100\nm1_batch_size = 20\n");
+    add(&d, &sim, "shop", P::M1, &[]);
+    sim.touch(100);
+    let catalog = sim.m1_items("default");
+    sim.set_fault(Fault::Latin1);
+    let r = full(&d, "shop");
+    assert_eq!(r["outcome"], "ok", "{r:#}");
+    assert_eq!(r["deleted"], 0, "{r:#}");
+    assert_eq!(d.shop("shop")["sync"]["products"], 100);
+    let got = export(&d, "shop", None);
+    assert_eq!(got.len(), 100);
+    let log = d.log();
+    let mut repaired = 0;
+    for g in &got {
+        let want = catalog
+            .iter()
+            .find(|w| w["sku"] == g["sku"])
+            .unwrap_or_else(|| panic!("not in the catalog: {g}"));
+        let name = g["name"].as_str().unwrap_or_default();
+        match name.strip_prefix('\u{FFFD}') {
+            None => assert_eq!(g, want, "an untouched product differs"),
+            Some(rest) => {
+                repaired += 1;
+                assert_eq!(Some(rest), want["name"].as_str(), "{g}");
+                let sku = sku(g);
+                assert!(
+                    log.lines().any(|l| l.contains("that are not UTF-8")
+                        && l.contains("multiCall")
+                        && l.split_whitespace().any(|w| w == format!("sku={sku}"))),
+                    "no warning names {sku}:\n{}",
+                    tail(&d, 20)
+                );
+            }
+        }
+    }
+    // The simulator spoils the first name of each answer: one product of
+    // each multiCall batch.
+    assert!(repaired >= 1, "no product was repaired");
+    assert!(repaired < 100, "every product was repaired");
+    sim.set_fault(Fault::None);
+    let r = full(&d, "shop");
+    assert_eq!(r["outcome"], "ok", "{r:#}");
+    assert_mirror(&d, &sim, "shop", P::M1, None);
+}
+
+/// The same SKU answered on several product ids: the run is `partial`,
+/// naming the SKU and its ids; the mirror holds that SKU once and deletes
+/// nothing because of it (the SKUs the other ids had before stay), also
+/// for a first sync; once the shop's SKUs are right again, all is ok.
+#[test]
+fn m1_one_sku_on_many_ids_is_reported_and_deletes_nothing() {
+    let sim = Sim::start(100);
+    let d = daemon("m1_id_range = 100\nm1_batch_size = 20\n");
+    add(&d, &sim, "shop", P::M1, &[]);
+    let before = unique_skus(&export(&d, "shop", None));
+    let shared = sim.duplicate_sku(4);
+    let r = full(&d, "shop");
+    assert_eq!(r["outcome"], "partial", "{r:#}");
+    assert_eq!(r["error"]["kind"], "protocol", "{r:#}");
+    let m = message(&r);
+    assert!(
+        m.contains(&shared) && m.contains("more than one product id") && m.contains("(ids "),
+        "{m}"
+    );
+    assert_eq!(r["deleted"], 0, "{r:#}");
+    let got = export(&d, "shop", None);
+    assert_eq!(got.len(), 100);
+    assert_eq!(unique_skus(&got), before, "one row per SKU, none lost");
+
+    // A first sync of the same shop: one row for the SKU, reported.
+    let out = d.add_shop("fresh", "magento1", &sim.url(), &P::M1.creds(&sim), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = wait_idle_after(&d, "fresh", 0);
+    let r = &s["sync"]["last_run"];
+    assert_eq!(r["outcome"], "partial", "{r:#}");
+    assert!(message(r).contains(&shared), "{r:#}");
+    let got = export(&d, "fresh", None);
+    assert_eq!(got.len(), 96);
+    assert_eq!(unique_skus(&got).len(), 96, "two rows for one SKU");
+
+    sim.clear_quirks();
+    let r = full(&d, "shop");
+    assert_eq!(r["outcome"], "ok", "{r:#}");
+    assert_mirror(&d, &sim, "shop", P::M1, None);
+}
