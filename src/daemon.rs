@@ -151,6 +151,20 @@ impl Daemon {
         line
     }
 
+    /// The narrow handle the sync engine works with.
+    pub fn sync_env(&self) -> crate::sync::Env<'_> {
+        crate::sync::Env {
+            cfg: self.config(),
+            store: self.store.clone(),
+            queue: &self.queue,
+            registry: &self.registry,
+            health: &self.health,
+            syncs: &self.syncs,
+            metrics: &self.metrics,
+            changed: &self.changed,
+        }
+    }
+
     /// What `/metrics` shows besides the counters.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         let shops = self
@@ -173,7 +187,7 @@ impl Daemon {
                 crate::metrics::ShopSnapshot {
                     state: h.state,
                     consecutive_failures: h.consecutive_failures,
-                    healthy: crate::sync::shop_healthy(self, &s.name),
+                    healthy: crate::sync::shop_healthy(&self.sync_env(), &s.name),
                     last_sync_failed: self.syncs.problem(&self.store, &s.name).is_some(),
                     mirrors,
                     concurrency_limit: self.syncs.limiter_status(&s.name).limit,

@@ -283,7 +283,7 @@ async fn health(State(d): D) -> Response {
                     .registry
                     .names()
                     .into_iter()
-                    .filter(|n| !crate::sync::shop_healthy(&d, n))
+                    .filter(|n| !crate::sync::shop_healthy(&d.sync_env(), n))
                     .collect();
                 let body = if unhealthy.is_empty() {
                     json!({"status": "ok"})
@@ -370,7 +370,7 @@ pub fn shop_json(d: &Daemon, rec: &ShopRecord) -> Value {
         "problem": h.problem,
     });
     // Inserted, not written inside `json!`, which would deep-copy it.
-    v["sync"] = d.syncs.status_json(d, rec);
+    v["sync"] = d.syncs.status_json(&d.sync_env(), rec);
     // The probe passed and the last sync did not fail (the rule of
     // `sync::shop_healthy`, from the values above).
     v["healthy"] =

@@ -65,7 +65,8 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
                     let stop = stop.clone();
                     let span = tracing::info_span!("sync", shop = %job.shop, job = job.seq);
                     running.spawn(
-                        async move { crate::sync::run_job(&d, job, stop).await }.instrument(span),
+                        async move { crate::sync::run_job(&d.sync_env(), job, stop).await }
+                            .instrument(span),
                     );
                 }
             }
@@ -123,7 +124,7 @@ pub async fn run_probe(daemon: &Daemon, job: &Job) {
 /// would only be retried).
 fn first_sync_when_healthy(daemon: &Daemon, rec: &crate::shop::ShopRecord) {
     if daemon.health.get(&rec.name).state != crate::health::ShopState::Healthy
-        || !crate::sync::never_synced(daemon, rec)
+        || !crate::sync::never_synced(&daemon.sync_env(), rec)
     {
         return;
     }

@@ -14,7 +14,6 @@ pub mod m1;
 pub mod m2;
 
 use crate::config::Config;
-use crate::daemon::Daemon;
 use crate::magento::{FailureKind, ShopError};
 use crate::mirror::{Applied, Mirror};
 use crate::probe::rfc3339;
@@ -30,6 +29,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// What the sync engine uses of the daemon: a narrow handle (the store,
+/// the queue, the registry, the health book, the sync manager, the
+/// metrics, the configuration in force), so the engine does not depend on
+/// the daemon and can be built from its parts.
+#[derive(Clone)]
+pub struct Env<'a> {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub queue: &'a crate::queue::Queue,
+    pub registry: &'a crate::registry::Registry,
+    pub health: &'a crate::probe::HealthBook,
+    pub syncs: &'a SyncManager,
+    pub metrics: &'a crate::metrics::Metrics,
+    /// Poked when something status shows changed.
+    pub changed: &'a tokio::sync::Notify,
+}
+
+impl Env<'_> {
+    /// The configuration in force when the handle was taken.
+    pub fn config(&self) -> Arc<Config> {
+        self.cfg.clone()
+    }
+}
 
 /// Attempts per request before a run fails.
 const REQUEST_ATTEMPTS: u32 = 5;
@@ -528,7 +551,7 @@ impl SyncManager {
     }
 
     /// The `sync` object of a shop's status.
-    pub fn status_json(&self, d: &Daemon, rec: &ShopRecord) -> Value {
+    pub fn status_json(&self, d: &Env<'_>, rec: &ShopRecord) -> Value {
         let progress = self.progress(&rec.name);
         let state = if progress.is_some() {
             "running"
@@ -574,13 +597,13 @@ impl SyncManager {
 
 /// The one rule status, `/health` and the metrics share: a shop is healthy
 /// when its last probe passed and its last sync run did not fail.
-pub fn shop_healthy(d: &Daemon, name: &str) -> bool {
+pub fn shop_healthy(d: &Env<'_>, name: &str) -> bool {
     d.health.get(name).state == crate::health::ShopState::Healthy
         && d.syncs.problem(&d.store, name).is_none()
 }
 
 /// Runs one leased sync job and schedules the next.
-pub async fn run_job(d: &Daemon, job: Job, stop: CancellationToken) {
+pub async fn run_job(d: &Env<'_>, job: Job, stop: CancellationToken) {
     let cfg = d.config();
     let Some(rec) = d.registry.get(&job.shop) else {
         let _ = d.queue.complete(&job, None);
@@ -676,7 +699,7 @@ pub async fn run_job(d: &Daemon, job: Job, stop: CancellationToken) {
 
 /// Context of one run, shared by the platform walks.
 pub struct RunCtx<'a> {
-    pub d: &'a Daemon,
+    pub d: &'a Env<'a>,
     pub rec: &'a ShopRecord,
     pub cfg: Arc<Config>,
     pub run_id: u64,
@@ -981,7 +1004,7 @@ pub fn span(d: Duration) -> String {
 }
 
 async fn run(
-    d: &Daemon,
+    d: &Env<'_>,
     rec: &ShopRecord,
     shop: &ShopSync,
     slot: &Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
@@ -1210,7 +1233,7 @@ fn save_run(store: &Store, r: &RunRecord, keep: usize) -> Result<(), StoreError>
 
 /// No run of the shop was ever recorded and no store view has a
 /// checkpoint or products: its first sync is still to come.
-pub fn never_synced(d: &Daemon, rec: &ShopRecord) -> bool {
+pub fn never_synced(d: &Env<'_>, rec: &ShopRecord) -> bool {
     if d.store
         .runs()
         .scan_prefix(crate::layout::runs_prefix(&rec.name))
