@@ -430,12 +430,7 @@ fn report_duplicates(ctx: &RunCtx<'_>, code: &str, seen: &sled::Tree) -> Result<
     if count == 0 {
         return Ok(false);
     }
-    let more = count.saturating_sub(first.len() as u64);
-    let tail = if more > 0 {
-        format!(" and {more} more")
-    } else {
-        String::new()
-    };
+    let tail = super::and_more(count.saturating_sub(first.len() as u64));
     ctx.inconsistent(format!(
         "store view {code}: catalog_product.list answered the same SKU on more than one product id: {}{tail} (the mirror keeps one product per SKU, the last read, and nothing was deleted by this listing); fix the SKUs in the shop (a broken import or a module writing SKUs?)",
         first.join("; ")

@@ -407,12 +407,7 @@ async fn walk_ranges(
     {
         let d = w.duplicates.lock().unwrap_or_else(|e| e.into_inner());
         if d.count > 0 {
-            let more = d.count.saturating_sub(d.first.len() as u64);
-            let tail = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
+            let tail = super::and_more(d.count.saturating_sub(d.first.len() as u64));
             ctx.inconsistent(format!(
                 "the same SKU on more than one product id: {}{tail} (the mirror keeps one product per SKU, the last read)",
                 d.first.join("; ")

@@ -991,6 +991,15 @@ fn too_long_to_wait(mut e: ShopError, asked: Duration) -> ShopError {
 }
 
 /// A duration for people, in its largest unit: "30s", "10m", "31 years".
+/// " and N more" after a list shown in part (empty when nothing was left out).
+pub(crate) fn and_more(more: u64) -> String {
+    if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    }
+}
+
 pub fn span(d: Duration) -> String {
     let s = d.as_secs();
     match s {
